@@ -1,0 +1,59 @@
+"""Shared command-line plumbing: logging set-up, error handling, common arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import CureEvalError, UsageError
+
+log = logging.getLogger("cure_eval")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of exiting, so errors stay one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("matplotlib", "PIL", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    g.add_argument("--verbose", action="store_true", help="debug logging")
+    g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def eps_from_255(value: float, flag: str = "--eps") -> float:
+    """Convert a CLI ε in 1/255 units to [0, 1] units, refusing values outside [0, 255]."""
+    if not (0.0 <= value <= 255.0):
+        raise UsageError(f"{flag} {value:g} is outside [0, 255]: ε is given in 1/255 units (--eps 8 means 8/255)")
+    return value / 255.0
+
+
+def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run ``body(argv)``; turn known errors into one line on stderr and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        return body(args)
+    except CureEvalError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

@@ -1,0 +1,312 @@
+"""``python -m cure_eval.defend``: train a normal model and a defended one, evaluate both.
+
+With no flags: the embedded digits data, a small CIFAR-style Wide-ResNet, a normal model (trained
+or taken from the cache), CURE fine-tuning of it, clean and PGD(20) accuracy of both, a
+side-by-side table and a run folder::
+
+    runs/<dataset>_<model>_<method>_s<seed>/
+        config.json            resolved configuration (written first)
+        standard/              model.safetensors, metrics.jsonl, train_state.pt
+        <method>/              model.safetensors, metrics.jsonl, train_state.pt
+        results.json           written last, only when everything finished
+        results.md             the table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from . import __version__
+from .checkpoint import load_checkpoint, unwrap
+from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
+from .data import DatasetSpec, get_dataset_spec, list_datasets, load_dataset, select_points
+from .device import resolve_device
+from .errors import CureEvalError, UsageError
+from .evaluation import evaluate
+from .io import write_json_atomic, write_text_atomic
+from .methods import Method, TrainContext, get_method, list_methods, parse_method_args
+from .models import ModelConfig, count_parameters, create_model, model_config_for
+from .training import CHECKPOINT_NAME, METRICS_NAME, is_complete, train
+
+log = logging.getLogger("cure_eval.defend")
+
+PAPER_HINT = (
+    "paper setting (GPU): python -m cure_eval.defend --dataset cifar10 --data-dir data --download "
+    "--model wide_resnet --method cure --preset paper   (WRN-28-10; --model resnet18 for ResNet-18)"
+)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m cure_eval.defend",
+        description="Train a normal model and a defended one (CURE by default), evaluate both with "
+        "clean and PGD(20) accuracy, and write a run folder.",
+        epilog=PAPER_HINT,
+    )
+    m = p.add_argument_group("model and method")
+    m.add_argument("--model", default="wide_resnet",
+                   help="resnet18, wide_resnet (WRN-d-k, see --depth/--widen) or any timm model name (default: wide_resnet)")
+    m.add_argument("--depth", type=int, default=None, help="Wide-ResNet depth (default: 16 on digits, 28 otherwise)")
+    m.add_argument("--widen", type=int, default=None, help="Wide-ResNet widen factor (default: 4 on digits, 10 otherwise)")
+    m.add_argument("--method", default="cure", help="training method (installed: %(choices_text)s; default: cure)")
+    m.add_argument("--preset", default=None, help="a named preset of the method (cure: paper, reference)")
+    m.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method option, e.g. --method-arg gamma=4 --method-arg h=0.6 (repeatable)")
+    m.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start the method from this checkpoint instead of a freshly trained normal model")
+    m.add_argument("--epochs", type=int, default=None, help="epochs of the method (default: the method's)")
+    m.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the normal model (default: standard's)")
+    m.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's)")
+    m.add_argument("--list-methods", action="store_true", help="list the installed methods and exit")
+
+    d = p.add_argument_group("data and evaluation")
+    d.add_argument("--dataset", default="digits", help=f"one of {', '.join(list_datasets())} (default: digits, embedded)")
+    d.add_argument("--data-dir", default="data", help="folder with CIFAR-10/SVHN files (default: ./data)")
+    d.add_argument("--download", action="store_true", help="download CIFAR-10/SVHN into --data-dir if missing")
+    d.add_argument("--eps", type=float, default=None,
+                   help="ℓ∞ radius in 1/255 units (default: 32 on digits, 8 on CIFAR-10, 12 on SVHN)")
+    d.add_argument("--eval-n", type=int, default=None,
+                   help="test points for the evaluation (default: all on digits, 1000 otherwise)")
+    d.add_argument("--train-n", type=int, default=None, help="use only the first N training images (quick runs)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="run folder (default: runs/<dataset>_<model>_<method>_s<seed>)")
+    o.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed epoch")
+    o.add_argument("--cache-dir", default="runs/cache", help="where normal models are cached for reuse (default: runs/cache)")
+    o.add_argument("--no-cache", action="store_true", help="always train the normal model")
+    add_common_arguments(p)
+    return p
+
+
+def _format_help(p: ArgumentParser) -> None:
+    for action in p._actions:
+        if action.help and "%(choices_text)s" in action.help:
+            action.help = action.help.replace("%(choices_text)s", ", ".join(list_methods()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    _format_help(parser)
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    if args.list_methods:
+        for name in list_methods():
+            log.warning("%-14s %s", name, get_method(name).description)
+        return 0
+    for flag in ("epochs", "pretrain_epochs", "batch_size", "eval_n", "train_n"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+
+    spec = get_dataset_spec(args.dataset)
+    method_cls = get_method(args.method)
+    standard_cls = get_method("standard")
+    eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
+    mcfg = model_config_for(args.model, spec, depth=args.depth, widen=args.widen)
+    overrides = parse_method_args(method_cls, args.method_arg)
+    for key, flag in (("epochs", args.epochs), ("batch_size", args.batch_size)):
+        if flag is not None:
+            overrides[key] = flag
+    method_cfg = method_cls.make_config(spec, mcfg.name, preset=args.preset, overrides=overrides)
+    std_over: dict[str, Any] = {}
+    if args.pretrain_epochs is not None:
+        std_over["epochs"] = args.pretrain_epochs
+    std_cfg = standard_cls.make_config(spec, mcfg.name, overrides=std_over)
+    device = resolve_device(args.device)
+    progress = not args.no_progress
+
+    # Data first: a missing data set fails before anything is written.
+    train_ds = load_dataset(spec.name, "train", data_dir=args.data_dir, download=args.download)
+    test_ds = load_dataset(spec.name, "test", data_dir=args.data_dir, download=args.download)
+    x_train, y_train = train_ds.tensors
+    if args.train_n is not None:
+        x_train, y_train = x_train[: args.train_n], y_train[: args.train_n]
+    eval_n = args.eval_n if args.eval_n is not None else (None if spec.name == "digits" else 1000)
+    idx = select_points(len(test_ds), eval_n, args.seed)
+    x_test, y_test = test_ds.tensors[0][idx], test_ds.tensors[1][idx]
+    probe = (x_test[:128], y_test[:128])
+
+    out = Path(args.out or f"runs/{spec.name}_{args.model}_{method_cls.name}_s{args.seed}")
+    if out.exists() and not args.resume and any(out.iterdir()):
+        log.info("run folder %s exists: starting over (pass --resume to continue it)", out)
+    (out / "results.json").unlink(missing_ok=True)  # never leave a stale "finished" result behind
+    (out / "results.md").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    probe_model = create_model(mcfg)
+    n_params = count_parameters(probe_model)
+    del probe_model
+    with_standard = method_cls.name != "standard"
+    log.info("cure_eval %s | device %s | dataset %s (%d train, %d eval points) | ε = %g/255",
+             __version__, device, spec.name, len(x_train), len(x_test), eps * 255)
+    log.info("model %s %s (%.2f M parameters)", mcfg.name, mcfg.kwargs or "", n_params / 1e6)
+    if with_standard:
+        log.info("normal model: standard, %d epochs; then %s, %d epochs%s", std_cfg.epochs, method_cls.name,
+                 method_cfg.epochs, f" from {args.init}" if args.init else "")
+    if spec.name == "digits":
+        log.info("%s", PAPER_HINT)
+
+    config = {
+        "cure_eval_version": __version__, "dataset": spec.name, "model": args.model, "model_config": mcfg.to_dict(),
+        "method": method_cls.name, "method_config": _cfg_dict(method_cfg), "preset": args.preset,
+        "standard_config": _cfg_dict(std_cfg) if with_standard else None, "init": args.init,
+        "eps": eps, "eps_255": eps * 255, "seed": args.seed, "device": str(device), "eval_n": len(x_test),
+        "train_n": len(x_train), "data_dir": args.data_dir, "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    write_json_atomic(out / "config.json", config)
+
+    torch.manual_seed(args.seed)
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+
+    # 1. The normal model (or the --init checkpoint) that the method starts from / is compared to.
+    base_model = None
+    if args.init:
+        base_model, info = load_checkpoint(args.init, device=device)
+        if info.model.to_dict() != mcfg.to_dict():
+            log.info("--init checkpoint is a %s: using its architecture", info.model.name)
+            mcfg = info.model
+        base_name = "init"
+    elif with_standard or method_cls.name == "standard":
+        base_model, secs = _standard_model(
+            standard_cls, std_cfg, spec, mcfg, eps, device, x_train, y_train, out / "standard",
+            cache_dir=None if args.no_cache else Path(args.cache_dir), seed=args.seed,
+            resume=args.resume, probe=probe, progress=progress,
+        )
+        timings["standard"] = secs
+        base_name = "standard"
+    if base_model is not None and (with_standard or args.init):
+        results["standard"] = evaluate(base_model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+        results["standard"]["source"] = base_name
+        log.info("standard: clean %.1f %%, PGD(20) %.1f %%", 100 * results["standard"]["clean_accuracy"],
+                 100 * results["standard"]["pgd20_accuracy"])
+
+    # 2. The method.
+    if method_cls.name == "standard" and base_model is not None:
+        model = base_model
+        results["standard"] = evaluate(model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+    else:
+        if method_cls.fine_tunes and base_model is not None:
+            model = base_model
+        else:
+            torch.manual_seed(args.seed + 1)
+            model = create_model(mcfg).to(device)
+            if base_model is not None and args.init:
+                unwrap(model).load_state_dict(unwrap(base_model).state_dict())
+        model = _fresh_copy(model, mcfg, device)
+        method = method_cls(method_cfg, _ctx(spec, eps, mcfg, device, method_cfg, len(x_train)))
+        t0 = time.perf_counter()
+        res = train(model, method, x_train, y_train, model_config=mcfg, out_dir=out / method_cls.name,
+                    seed=args.seed, resume=args.resume, probe=probe, progress=progress,
+                    checkpoint_extra={"eps": eps})
+        timings[method_cls.name] = res.seconds_per_epoch
+        log.info("%s: %d epochs in %.1f s", method_cls.name, method_cfg.epochs, time.perf_counter() - t0)
+        results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+
+    summary = {
+        "dataset": spec.name, "model": mcfg.name, "model_kwargs": mcfg.kwargs, "method": method_cls.name,
+        "eps": eps, "eps_255": eps * 255, "seed": args.seed, "n_eval": len(x_test),
+        "attack": "torchattacks.PGD(steps=20, alpha=2/255, random_start=True)",
+        **results,
+        "seconds_per_epoch": timings,
+        "versions": _versions(),
+    }
+    table = _table(results)
+    write_text_atomic(out / "results.md", f"# {spec.name} / {mcfg.name}, ε = {eps * 255:g}/255\n\n" + table + "\n")
+    write_json_atomic(out / "results.json", summary)
+    print_table = logging.getLogger("cure_eval.defend").warning if args.quiet else log.info
+    print_table("\n%s\n\nrun folder: %s", table, out)
+    return 0
+
+
+def _standard_model(
+    cls: type[Method], cfg: Any, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
+    x: torch.Tensor, y: torch.Tensor, out: Path, *, cache_dir: Path | None, seed: int, resume: bool,
+    probe: tuple[torch.Tensor, torch.Tensor], progress: bool,
+) -> tuple[torch.nn.Module, float]:
+    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch)."""
+    key = _cache_key(spec, mcfg, cfg, seed, len(x))
+    cached = cache_dir / f"standard-{key}" if cache_dir is not None else None
+    if cached is not None and is_complete(cached, cfg.epochs) and not is_complete(out, cfg.epochs):
+        log.info("normal model: reusing cached %s", cached)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(cached, out)
+    if is_complete(out, cfg.epochs) and (resume or cached is not None):
+        model, _ = load_checkpoint(out / CHECKPOINT_NAME, device=device)
+        metrics = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines() if line.strip()]
+        secs = [float(r["seconds"]) for r in metrics if "seconds" in r]
+        return model, (sum(secs) / len(secs)) if secs else float("nan")
+    torch.manual_seed(seed)
+    model = create_model(mcfg).to(device)
+    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
+    res = train(model, method, x, y, model_config=mcfg, out_dir=out, seed=seed, resume=resume,
+                probe=probe, progress=progress)
+    if cached is not None:
+        tmp = cached.with_name(cached.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(out, tmp)
+        if cached.exists():
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    return res.model, res.seconds_per_epoch
+
+
+def _fresh_copy(model: torch.nn.Module, mcfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """A separate copy so that fine-tuning never changes the normal model being compared."""
+    copy = create_model(mcfg).to(device)
+    copy.load_state_dict(unwrap(model).state_dict())
+    return copy
+
+
+def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device, cfg: Any, n: int) -> TrainContext:
+    if cfg.batch_size > n:
+        raise UsageError(f"batch size {cfg.batch_size} is larger than the training set ({n}): lower --batch-size")
+    return TrainContext(spec=spec, eps=eps, model_name=mcfg.name, device=device, epochs=cfg.epochs,
+                        steps_per_epoch=n // cfg.batch_size)
+
+
+def _cache_key(spec: DatasetSpec, mcfg: ModelConfig, cfg: Any, seed: int, n: int) -> str:
+    blob = json.dumps({"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": _cfg_dict(cfg),
+                       "seed": seed, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cfg_dict(cfg: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [[name, f"{100 * r['clean_accuracy']:.1f}", f"{100 * r['pgd20_accuracy']:.1f}"] for name, r in results.items()]
+    return tabulate(rows, headers=["model", "clean %", "PGD(20) %"], tablefmt="github")
+
+
+def _versions() -> dict[str, str]:
+    import foolbox
+    import timm
+    import torchattacks
+
+    return {"cure_eval": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "torchattacks": torchattacks.__version__, "foolbox": foolbox.__version__}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

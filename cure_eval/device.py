@@ -1,0 +1,30 @@
+"""Device selection: chosen once by the CLI and passed down; library code never hard-codes one."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """Return the device to use.
+
+    Args:
+        name: ``None`` or ``"auto"`` picks CUDA when available, then Apple MPS, then the CPU;
+            anything else is passed to :class:`torch.device` (``"cpu"``, ``"cuda:1"``...).
+    """
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+    return device

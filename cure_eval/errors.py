@@ -1,0 +1,15 @@
+"""Errors that the command-line tools turn into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+
+class CureEvalError(Exception):
+    """A problem the user can fix; the message says what to do. Exit code 1 (runtime)."""
+
+    exit_code = 1
+
+
+class UsageError(CureEvalError):
+    """Bad arguments: unknown names, values out of range. Exit code 2 (usage)."""
+
+    exit_code = 2

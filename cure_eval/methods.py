@@ -1,0 +1,241 @@
+"""The training-method plugin API and its registry.
+
+A method is a class derived from :class:`Method`, registered under the entry-point group
+``cure_eval.methods`` (``name = "package.module:Class"``) or at run time with
+:func:`register_method`. The built-ins (``standard``, ``cure``) live in ``plugins/methods`` and
+are registered through the same entry points as a third-party package's.
+
+A method owns its whole optimisation step (forward, regulariser, backward, optimiser step), so
+methods that need several backward passes or weight perturbations fit without core changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .data import DatasetSpec
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+METHOD_ENTRY_POINT_GROUP = "cure_eval.methods"
+
+
+@dataclass
+class MethodConfig:
+    """Hyperparameters shared by every method; subclasses add their own fields."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    lr_final: float | None = None  # cosine/exponential decay target; None: cosine to 0
+    lr_schedule: str = "cosine"  # cosine | exponential | step | constant
+    lr_milestones: tuple[int, ...] = ()  # epochs at which "step" multiplies lr by 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class TrainContext:
+    """What a method knows about the run: dataset, ε (in [0, 1] units), model name, epochs."""
+
+    spec: DatasetSpec
+    eps: float
+    model_name: str
+    device: torch.device
+    epochs: int
+    steps_per_epoch: int
+
+
+class Method(ABC):
+    """Base class of a training method.
+
+    Subclasses set ``name``, ``description``, ``Config`` (a :class:`MethodConfig` dataclass) and
+    implement :meth:`step`. Optional hooks: :meth:`presets`, :meth:`default_config`,
+    :meth:`start_epoch`, :meth:`probe_metrics`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: fine-tune a pre-trained normal model by default (``defend`` trains ``standard`` first)
+    fine_tunes: ClassVar[bool] = False
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.epoch = 0
+
+    # -- configuration ---------------------------------------------------------------------
+    @classmethod
+    def presets(cls) -> dict[str, dict[str, Any]]:
+        """Named sets of overrides (e.g. ``paper``)."""
+        return {}
+
+    @classmethod
+    def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
+        """Overrides of the dataclass defaults for a dataset/model (before presets and user values)."""
+        return {}
+
+    @classmethod
+    def make_config(
+        cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> MethodConfig:
+        """Resolve defaults → dataset defaults → preset → user overrides into a Config."""
+        values: dict[str, Any] = dict(cls.default_config(spec, model_name))
+        if preset is not None:
+            presets = cls.presets()
+            if preset not in presets:
+                valid = ", ".join(sorted(presets)) or "none"
+                raise UsageError(f"method {cls.name!r} has no preset {preset!r} (presets: {valid})")
+            values.update(presets[preset])
+        values.update(overrides or {})
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UsageError(
+                f"method {cls.name!r} has no option {', '.join(unknown)} (options: {', '.join(sorted(fields))})"
+            )
+        return cls.Config(**values)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def make_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Optimizer and a per-step LR scheduler as the config describes."""
+        c = self.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt: torch.optim.Optimizer
+        if c.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0)
+        elif c.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            raise UsageError(f"unknown optimizer {c.optimizer!r}: use sgd or adam")
+        total = max(1, self.ctx.epochs * self.ctx.steps_per_epoch)
+        spe = max(1, self.ctx.steps_per_epoch)
+        sched: torch.optim.lr_scheduler.LRScheduler
+        if c.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=c.lr_final or 0.0)
+        elif c.lr_schedule == "exponential":
+            final = c.lr_final if c.lr_final is not None else c.lr * 1e-2
+            gamma = (final / c.lr) ** (1.0 / max(1, total - 1))
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+        elif c.lr_schedule == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, [m * spe for m in c.lr_milestones], gamma=0.1)
+        elif c.lr_schedule == "constant":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        else:
+            raise UsageError(f"unknown lr_schedule {c.lr_schedule!r}: use cosine, exponential, step or constant")
+        return opt, sched
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch (0-based), also when resuming."""
+        self.epoch = epoch
+
+    @abstractmethod
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimisation step on a batch of [0, 1] images. Returns scalar metrics (``loss``...)."""
+
+    def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Extra per-epoch measurements on a fixed probe batch (model in eval mode)."""
+        return {}
+
+
+# -- registry --------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Method]] = {}  # explicit register_method() calls
+_FROM_ENTRY_POINTS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Register a method class (usable as a decorator). Re-registering a name replaces it."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"{cls!r} is not a subclass of cure_eval.methods.Method")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _available() -> dict[str, type[Method]]:
+    """Entry-point methods (scanned on every call, so newly installed plugins appear; loaded
+    classes are cached) overridden by explicit :func:`register_method` calls."""
+    found: dict[str, type[Method]] = {}
+    for ep in entry_points(group=METHOD_ENTRY_POINT_GROUP):
+        key = f"{ep.name}={ep.value}"
+        if key not in _FROM_ENTRY_POINTS:
+            try:
+                cls = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not hide the others
+                log.warning("method plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, Method)):
+                log.warning("method plugin %s (%s) is not a cure_eval.methods.Method", ep.name, ep.value)
+                continue
+            _FROM_ENTRY_POINTS[key] = cls
+        found[ep.name] = _FROM_ENTRY_POINTS[key]
+    return {**found, **_REGISTRY}
+
+
+def list_methods() -> list[str]:
+    """Names of all installed methods."""
+    return sorted(_available())
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; an unknown name lists the valid ones."""
+    methods = _available()
+    try:
+        return methods[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r}: choose one of {', '.join(sorted(methods))}") from None
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added with :func:`register_method` (entry points are unaffected)."""
+    _REGISTRY.pop(name, None)
+
+
+def parse_method_args(cls: type[Method], items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings into typed overrides for ``cls.Config``."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise UsageError(f"--method-arg {item!r} must look like key=value")
+        if key not in fields:
+            raise UsageError(f"method {cls.name!r} has no option {key!r} (options: {', '.join(sorted(fields))})")
+        default = fields[key].default
+        out[key] = _coerce(raw, default, key)
+    return out
+
+
+def _coerce(raw: str, default: Any, key: str) -> Any:
+    raw = raw.strip()
+    if raw.lower() in ("none", "null") and not isinstance(default, str):
+        return None
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float) or default is None:
+            return float(raw)
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in raw.split(",") if v)
+    except ValueError:
+        raise UsageError(f"--method-arg {key}={raw!r}: expected a {type(default).__name__}") from None
+    return raw

@@ -1,0 +1,222 @@
+"""The training loop shared by every method: batching, augmentation, checkpoints, resume.
+
+Per epoch it appends one JSON line to ``metrics.jsonl`` and writes, atomically, ``train_state.pt``
+(model, optimiser, scheduler and RNG state; loaded with ``weights_only=True``) and
+``model.safetensors`` (the checkpoint). ``resume=True`` continues after the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    CheckpointInfo,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+    unwrap,
+)
+from .data import DatasetSpec
+from .errors import CureEvalError
+from .io import append_jsonl, read_jsonl, write_text_atomic
+from .methods import Method
+from .models import ModelConfig, NormalizedModel
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "train_state.pt"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore every submodule's previous mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def augment(x: torch.Tensor, spec: DatasetSpec, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per sample, vectorised (CIFAR style)."""
+    if spec.crop_padding:
+        p = spec.crop_padding
+        b, c, hgt, wid = x.shape
+        xp = F.pad(x, (p, p, p, p))
+        di = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(x.device)
+        dj = torch.randint(0, 2 * p + 1, (b,), generator=gen).to(x.device)
+        rows = (di[:, None] + torch.arange(hgt, device=x.device))[:, None, :, None]
+        cols = (dj[:, None] + torch.arange(wid, device=x.device))[:, None, None, :]
+        bi = torch.arange(b, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        x = xp[bi, ci, rows, cols]
+    if spec.hflip:
+        flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """Index batches of one epoch: a permutation seeded by ``(seed, epoch)``, split across ranks.
+
+    Each rank gets every ``world``-th index of the global permutation, so ``world`` ranks with
+    per-rank batch ``batch_size // world`` see the same global batches as one process.
+    Incomplete final batches are dropped (BatchNorm cannot train on a batch of one).
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    full = (n // batch_size) * batch_size
+    if full == 0:
+        raise CureEvalError(f"batch size {batch_size} is larger than the training set ({n}): lower batch_size")
+    local = batch_size // world
+    return [perm[i:i + batch_size][rank * local:(rank + 1) * local] for i in range(0, full, batch_size)]
+
+
+@dataclass
+class TrainResult:
+    model: NormalizedModel
+    metrics: list[dict[str, Any]]
+    seconds_per_epoch: float
+    resumed_from: int
+
+
+def train(
+    model: NormalizedModel,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    model_config: ModelConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    resume: bool = False,
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with ``method`` on [0, 1] images ``x`` and labels ``y``.
+
+    Args:
+        model: the model (on ``method.ctx.device``).
+        method: the configured method instance (owns the optimisation step).
+        out_dir: folder for ``metrics.jsonl``, ``train_state.pt`` and ``model.safetensors``.
+        seed: seeds batch order and augmentation.
+        resume: continue after the last completed epoch in ``out_dir`` if there is one.
+        probe: a fixed batch of test points: per-epoch clean accuracy and ``method.probe_metrics``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx, cfg = method.ctx, method.config
+    device = ctx.device
+    optimizer, scheduler = method.make_optimizer(model)
+    start = 0
+    state_path, metrics_path = out / STATE_NAME, out / METRICS_NAME
+    if resume and state_path.is_file():
+        state = load_train_state(state_path)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["epoch"])
+        log.info("resuming %s from epoch %d/%d", ctx.model_name, start, cfg.epochs)
+    elif not resume:
+        for stale in (state_path, metrics_path, out / CHECKPOINT_NAME):
+            stale.unlink(missing_ok=True)
+    # Drop metric lines of epochs that did not complete (killed between append and state save).
+    rows = [r for r in read_jsonl(metrics_path) if int(r.get("epoch", 0)) <= start]
+    write_text_atomic(metrics_path, "".join(_jsonl(r) for r in rows))
+
+    info = CheckpointInfo(model=model_config, dataset=ctx.spec.name, method=method.name,
+                          method_config=_config_dict(cfg), extra=dict(checkpoint_extra or {}))
+    aug_gen = torch.Generator().manual_seed(seed + 1)
+    epoch_times = []
+    for epoch in range(start, cfg.epochs):
+        method.start_epoch(epoch)
+        aug_gen.manual_seed(seed * 7919 + epoch)
+        batches = epoch_batches(len(x), cfg.batch_size, seed=seed, epoch=epoch)
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        model.train()
+        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for idx in bar:
+            xb = augment(x[idx], ctx.spec, aug_gen).to(device, non_blocking=True)
+            yb = y[idx].to(device, non_blocking=True)
+            stats = method.step(model, optimizer, xb, yb)
+            scheduler.step()
+            if not all(torch.isfinite(torch.tensor(v)) for v in stats.values()):
+                raise CureEvalError(
+                    f"training diverged at epoch {epoch + 1} ({stats}): lower the learning rate or γ"
+                )
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+        seconds = time.perf_counter() - t0
+        epoch_times.append(seconds)
+        row: dict[str, Any] = {"epoch": epoch + 1, "method": method.name, "seconds": round(seconds, 3),
+                               "lr": optimizer.param_groups[0]["lr"]}
+        row.update({k: v / max(1, len(batches)) for k, v in sums.items()})
+        if probe is not None:
+            row.update(_probe(model, method, probe, device))
+        append_jsonl(metrics_path, row)
+        save_train_state(state_path, {
+            "epoch": epoch + 1, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        })
+        info.epoch = epoch + 1
+        save_checkpoint(out / CHECKPOINT_NAME, model, info)
+        log.info("%s epoch %d/%d: %s", method.name, epoch + 1, cfg.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if on_epoch is not None:
+            on_epoch(row)
+    model.eval()
+    return TrainResult(model=model, metrics=read_jsonl(metrics_path),
+                       seconds_per_epoch=(sum(epoch_times) / len(epoch_times)) if epoch_times else float("nan"),
+                       resumed_from=start)
+
+
+def is_complete(out_dir: str | Path, epochs: int) -> bool:
+    """True when ``out_dir`` holds a finished training run of ``epochs`` epochs."""
+    state_path = Path(out_dir) / STATE_NAME
+    if not state_path.is_file() or not (Path(out_dir) / CHECKPOINT_NAME).is_file():
+        return False
+    try:
+        return int(load_train_state(state_path)["epoch"]) >= epochs
+    except (CureEvalError, KeyError, ValueError):
+        return False
+
+
+def _probe(model: nn.Module, method: Method, probe: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[str, float]:
+    px, py = probe[0].to(device), probe[1].to(device)
+    with eval_mode(model):
+        with torch.no_grad():
+            acc = float((model(px).argmax(1) == py).float().mean())
+        extra = method.probe_metrics(model, px, py)
+    return {"probe_clean_acc": acc, **extra}
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _jsonl(row: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(row) + "\n"

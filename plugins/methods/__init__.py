@@ -1,0 +1,1 @@
+"""Training methods (``standard``, ``cure``) registered through the ``cure_eval.methods`` entry point."""

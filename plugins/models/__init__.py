@@ -1,0 +1,1 @@
+"""CIFAR-style model families registered into timm's registry."""

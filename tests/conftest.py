@@ -1,0 +1,61 @@
+"""Shared fixtures: real digits data and a small, really trained digits model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import cure_eval  # noqa: F401  (registers the timm models)
+from cure_eval.data import get_dataset_spec, load_dataset
+from cure_eval.models import NormalizedModel
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    """A small ReLU CNN for 8×8 digits (no BatchNorm, so it is deterministic in either mode)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
+    )
+
+
+def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
+                seed: int = 0, lr: float = 1e-3) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
+    ds = load_dataset("digits", "train")
+    return ds.tensors[0], ds.tensors[1]
+
+
+@pytest.fixture(scope="session")
+def digits_test() -> tuple[torch.Tensor, torch.Tensor]:
+    ds = load_dataset("digits", "test")
+    return ds.tensors[0], ds.tensors[1]
+
+
+@pytest.fixture(scope="session")
+def trained_digits_model(digits_train: tuple[torch.Tensor, torch.Tensor]) -> NormalizedModel:
+    """A normally trained digits CNN (about 97-98 % clean test accuracy), [0, 1] inputs."""
+    torch.manual_seed(0)
+    spec = get_dataset_spec("digits")
+    model = NormalizedModel(small_cnn(), spec.mean, spec.std)
+    x, y = digits_train
+    return train_plain(model, x, y)
