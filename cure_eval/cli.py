@@ -19,9 +19,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class _DropLibraryChatter(logging.Filter):
+    """foolbox's DeepFool logs "Only testing the top-10 classes" on the root logger per call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith("Only testing the top"))
+
+
 def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    """Plain messages on stderr; the CLIs call this, library code only logs."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropLibraryChatter())
     for noisy in ("matplotlib", "PIL", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -44,6 +44,9 @@ class DatasetSpec:
     default_eps: float
     #: default CURE step ``h``: ℓ2 length of ``h·z`` in [0, 1] pixel space
     default_h: float
+    #: default PGD step size in 1/255 units (2/255 as in torchattacks and the paper's CIFAR
+    #: setting; ε/8 on digits so that even PGD(7) can cross the 32/255 ball)
+    pgd_alpha: float = 2.0
     #: light augmentation used for training (random crop padding, horizontal flip)
     crop_padding: int = 0
     hflip: bool = False
@@ -58,7 +61,7 @@ _SPECS: dict[str, DatasetSpec] = {
     # mean/std of the 1797 images scaled by 1/16; ε = 32/255: 8×8 digits are robust at small ε.
     "digits": DatasetSpec(
         name="digits", num_classes=10, in_chans=1, image_size=8, mean=(0.3053,), std=(0.3760,),
-        default_eps=32.0, default_h=0.5, class_names=tuple(str(i) for i in range(10)),
+        default_eps=32.0, default_h=0.5, pgd_alpha=4.0, class_names=tuple(str(i) for i in range(10)),
     ),
     # Normalisation constants of the CURE reference code (REFERENCE.md §2). h = 0.6 is the
     # reference code's h = 3 in normalised units expressed in [0, 1] pixel space.

@@ -118,6 +118,7 @@ def _main(argv: Sequence[str] | None) -> int:
     method_cls = get_method(args.method)
     standard_cls = get_method("standard")
     eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
+    alpha = spec.pgd_alpha / 255
     mcfg = model_config_for(args.model, spec, depth=args.depth, widen=args.widen)
     overrides = parse_method_args(method_cls, args.method_arg)
     for key, flag in (("epochs", args.epochs), ("batch_size", args.batch_size)):
@@ -153,8 +154,8 @@ def _main(argv: Sequence[str] | None) -> int:
     n_params = count_parameters(probe_model)
     del probe_model
     with_standard = method_cls.name != "standard"
-    log.info("cure_eval %s | device %s | dataset %s (%d train, %d eval points) | ε = %g/255",
-             __version__, device, spec.name, len(x_train), len(x_test), eps * 255)
+    log.info("cure_eval %s | device %s | dataset %s (%d train, %d eval points) | ε = %g/255, PGD step %g/255",
+             __version__, device, spec.name, len(x_train), len(x_test), eps * 255, spec.pgd_alpha)
     log.info("model %s %s (%.2f M parameters)", mcfg.name, mcfg.kwargs or "", n_params / 1e6)
     if with_standard:
         log.info("normal model: standard, %d epochs; then %s, %d epochs%s", std_cfg.epochs, method_cls.name,
@@ -193,7 +194,7 @@ def _main(argv: Sequence[str] | None) -> int:
         timings["standard"] = secs
         base_name = "standard"
     if base_model is not None and (with_standard or args.init):
-        results["standard"] = evaluate(base_model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+        results["standard"] = evaluate(base_model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
         results["standard"]["source"] = base_name
         log.info("standard: clean %.1f %%, PGD(20) %.1f %%", 100 * results["standard"]["clean_accuracy"],
                  100 * results["standard"]["pgd20_accuracy"])
@@ -201,7 +202,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # 2. The method.
     if method_cls.name == "standard" and base_model is not None:
         model = base_model
-        results["standard"] = evaluate(model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+        results["standard"] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
     else:
         if method_cls.fine_tunes and base_model is not None:
             model = base_model
@@ -218,12 +219,12 @@ def _main(argv: Sequence[str] | None) -> int:
                     checkpoint_extra={"eps": eps})
         timings[method_cls.name] = res.seconds_per_epoch
         log.info("%s: %d epochs in %.1f s", method_cls.name, method_cfg.epochs, time.perf_counter() - t0)
-        results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, device=device, seed=args.seed, progress=progress)
+        results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
 
     summary = {
         "dataset": spec.name, "model": mcfg.name, "model_kwargs": mcfg.kwargs, "method": method_cls.name,
         "eps": eps, "eps_255": eps * 255, "seed": args.seed, "n_eval": len(x_test),
-        "attack": "torchattacks.PGD(steps=20, alpha=2/255, random_start=True)",
+        "attack": f"torchattacks.PGD(steps=20, alpha={spec.pgd_alpha:g}/255, random_start=True)",
         **results,
         "seconds_per_epoch": timings,
         "versions": _versions(),

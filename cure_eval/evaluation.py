@@ -43,10 +43,10 @@ def pgd_accuracy(
 
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, device: torch.device,
-    seed: int = 0, batch_size: int = 256, progress: bool = True,
+    alpha: float = 2 / 255, seed: int = 0, batch_size: int = 256, progress: bool = True,
 ) -> dict[str, float]:
-    """``{"clean_accuracy", "pgd20_accuracy"}`` as fractions in [0, 1]."""
-    clean = float((predict(model, x, device=device, batch_size=batch_size) == y).float().mean())
-    robust = pgd_accuracy(model, x, y, eps=eps, device=device, steps=20, seed=seed,
+    """``{"clean_accuracy", "pgd20_accuracy"}`` as fractions in [0, 1] (PGD step ``alpha``)."""
+    clean = float((predict(model, x, device=device, batch_size=batch_size) == y).double().mean())
+    robust = pgd_accuracy(model, x, y, eps=eps, device=device, steps=20, alpha=alpha, seed=seed,
                           batch_size=batch_size, progress=progress)
     return {"clean_accuracy": clean, "pgd20_accuracy": robust}

@@ -43,4 +43,4 @@ class AttackResult:
 
     @property
     def robust_accuracy(self) -> float:
-        return float(self.robust.float().mean()) if len(self.robust) else float("nan")
+        return float(self.robust.double().mean()) if len(self.robust) else float("nan")

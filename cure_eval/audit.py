@@ -1,0 +1,320 @@
+"""``python -m cure_eval.audit``: the attack suite on any model, with per-sample records.
+
+What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``defend``), or
+``--model`` as a timm name, one of our aliases, or ``module:factory`` / ``file.py:factory``
+(optionally with ``--weights FILE``). Outputs in ``--out``:
+
+    config.json       resolved configuration (written first)
+    per_sample.csv    one row per (point, attack)
+    results.json      the summary (written last, only when the audit finished)
+    results.md        the table
+    eps_sweep.json / eps_sweep.png            with --eps-sweep
+    masking_scatter.png, masking section      with --masking-check
+    geometry.json, geometry PNGs, section     with --geometry
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from . import __version__
+from .attacks import ATTACK_NAMES, ATTACKS, SuiteResult, eps_sweep, run_suite
+from .checkpoint import load_checkpoint, load_state, load_weights_file, unwrap
+from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
+from .data import DatasetSpec, check_images, get_dataset_spec, list_datasets, load_dataset, select_points
+from .device import resolve_device
+from .errors import CureEvalError, UsageError
+from .io import write_json_atomic, write_text_atomic
+from .models import create_model, load_factory, model_config_for
+
+log = logging.getLogger("cure_eval.audit")
+
+ATTACK_LABELS = {
+    "clean": "clean", "fgsm": "FGSM", "pgd7": "PGD(7)", "pgd20": "PGD(20)", "pgd40": "PGD(40)",
+    "pgd100": "PGD(100)", "deepfool_linf": "ℓ∞-DeepFool", "deepfool_l2": "ℓ2-DeepFool", "spsa": "SPSA",
+}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m cure_eval.audit",
+        description="Attack a model with the full suite (FGSM, PGD(7/20/40/100), DeepFool, SPSA) and "
+        "write per-sample records, a summary and a table.",
+    )
+    m = p.add_argument_group("model (one of --checkpoint / --model)")
+    m.add_argument("--checkpoint", default=None, help="checkpoint file or run folder written by defend")
+    m.add_argument("--model", default=None,
+                   help="timm name, alias (resnet18, wide_resnet) or module:factory / file.py:factory "
+                   "(runs that code: only use factories you trust)")
+    m.add_argument("--weights", default=None, help="weights for --model (.safetensors, or a .pt state dict; never unpickled)")
+    m.add_argument("--depth", type=int, default=None, help="Wide-ResNet depth for --model wide_resnet")
+    m.add_argument("--widen", type=int, default=None, help="Wide-ResNet widen factor for --model wide_resnet")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default=None, help=f"{', '.join(list_datasets())} (default: the checkpoint's, else digits)")
+    d.add_argument("--data-dir", default="data", help="folder with CIFAR-10/SVHN files (default: ./data)")
+    d.add_argument("--download", action="store_true", help="download CIFAR-10/SVHN if missing")
+    d.add_argument("--n", type=int, default=None, help="test points: a fixed seeded subset (default: all on digits, 1000 otherwise)")
+
+    a = p.add_argument_group("attacks")
+    a.add_argument("--eps", type=float, default=None, help="ℓ∞ radius in 1/255 units (default: 32 digits, 8 CIFAR-10, 12 SVHN)")
+    a.add_argument("--attacks", default=",".join(ATTACKS),
+                   help=f"comma list from {', '.join(ATTACK_NAMES)} (default: all)")
+    a.add_argument("--alpha", type=float, default=None, help="PGD step in 1/255 units (default: 2; 4 on digits)")
+    a.add_argument("--spsa-iterations", type=int, default=100, help="SPSA iterations (default: 100)")
+    a.add_argument("--cascade", action="store_true",
+                   help="compute only the worst case: attack each point only while it is still robust")
+    a.add_argument("--eps-sweep", default=None, metavar="E1,E2,...",
+                   help="also run PGD(20) at each ε (1/255 units), e.g. 0,2,4,8,16,32; writes eps_sweep.json/png")
+    a.add_argument("--batch-size", type=int, default=256, help="points per attack batch (default: 256)")
+
+    k = p.add_argument_group("checks")
+    k.add_argument("--masking-check", action="store_true", help="gradient-masking checks and verdict")
+    k.add_argument("--masking-n", type=int, default=None, help="points for the masking check (default: --n)")
+    k.add_argument("--fail-on-masking", action="store_true", help="exit 3 when masking is suspected")
+    k.add_argument("--geometry", action="store_true", help="curvature profile, Hz, Theorem 1, landscapes, WCI")
+    k.add_argument("--geometry-n", type=int, default=20, help="points for the geometry measurements (default: 20)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, help="output folder (default: runs/audit_<model>)")
+    add_common_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_main, argv)
+
+
+def load_audit_model(
+    *, checkpoint: str | None, model: str | None, weights: str | None, dataset: str | None,
+    depth: int | None, widen: int | None, device: torch.device,
+) -> tuple[nn.Module, DatasetSpec, dict[str, Any]]:
+    """Build the model to audit and say where it came from. Returns (model, dataset spec, description)."""
+    if (checkpoint is None) == (model is None):
+        raise UsageError("give exactly one of --checkpoint PATH or --model NAME")
+    if checkpoint is not None:
+        if weights is not None:
+            raise UsageError("--weights goes with --model, not --checkpoint")
+        net, info = load_checkpoint(checkpoint, device=device)
+        spec = get_dataset_spec(dataset or info.dataset)
+        if spec.name != info.dataset:
+            log.warning("checkpoint was trained on %s, auditing on %s", info.dataset, spec.name)
+        if info.model.num_classes != spec.num_classes or info.model.in_chans != spec.in_chans:
+            raise CureEvalError(
+                f"checkpoint has {info.model.num_classes} classes / {info.model.in_chans} channels but "
+                f"{spec.name} has {spec.num_classes} / {spec.in_chans}: pass the matching --dataset"
+            )
+        return net, spec, {"source": "checkpoint", "path": info.path, "model": info.model.name,
+                           "method": info.method, "epoch": info.epoch}
+    assert model is not None
+    spec = get_dataset_spec(dataset or "digits")
+    if ":" in model:
+        net = load_factory(model)
+        desc = {"source": "factory", "reference": model}
+        if weights:
+            load_state(net, load_weights_file(weights), source=weights)
+    else:
+        cfg = model_config_for(model, spec, depth=depth, widen=widen)
+        net = create_model(cfg)
+        desc = {"source": "timm", "model": cfg.name, "kwargs": cfg.kwargs}
+        if weights:
+            state = load_weights_file(weights)
+            # accept a state dict of the wrapped model or of the bare timm network
+            target = net if any(k.startswith("normalize.") for k in state) else unwrap(net).model
+            load_state(target, state, source=weights)
+        else:
+            log.warning("auditing an untrained %s (no --weights): the numbers describe random weights", cfg.name)
+    if weights:
+        desc["weights"] = weights
+    return net.to(device).eval(), spec, desc
+
+
+def check_model_outputs(model: nn.Module, x: torch.Tensor, spec: DatasetSpec, device: torch.device) -> None:
+    """A model must map a batch of [0, 1] images to finite ``(N, num_classes)`` logits."""
+    with torch.no_grad():
+        try:
+            out = model(x[:8].to(device))
+        except Exception as exc:
+            raise CureEvalError(
+                f"the model failed on a batch of {tuple(x[:8].shape)} images: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160]} (does it fit --dataset {spec.name}?)"
+            ) from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CureEvalError(f"the model returned {shape}, expected (N, {spec.num_classes}) logits for {spec.name}")
+    if not torch.isfinite(out).all():
+        raise CureEvalError("the model's outputs contain NaN or infinite values: check its weights and input range")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    for flag in ("n", "masking_n", "geometry_n", "batch_size", "depth", "widen"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.spsa_iterations < 0:
+        raise UsageError("--spsa-iterations must be >= 0")
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown or not attacks:
+        raise UsageError(f"unknown attack {', '.join(unknown) or '(none)'}: choose from {', '.join(ATTACK_NAMES)}")
+    sweep = _parse_sweep(args.eps_sweep)
+    device = resolve_device(args.device)
+    progress = not args.no_progress
+
+    model, spec, desc = load_audit_model(checkpoint=args.checkpoint, model=args.model, weights=args.weights,
+                                         dataset=args.dataset, depth=args.depth, widen=args.widen, device=device)
+    eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
+    if eps == 0:
+        raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")
+    alpha = eps_from_255(spec.pgd_alpha if args.alpha is None else args.alpha, "--alpha")
+    test = load_dataset(spec.name, "test", data_dir=args.data_dir, download=args.download)
+    n = args.n if args.n is not None else (None if spec.name == "digits" else 1000)
+    idx = select_points(len(test), n, args.seed)
+    x, y = test.tensors[0][idx], test.tensors[1][idx]
+    check_images(x, spec)
+    check_model_outputs(model, x, spec, device)
+
+    name = desc.get("model") or desc.get("reference", "model")
+    out = Path(args.out or f"runs/audit_{Path(str(name)).stem.replace(':', '_')}")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("results.json", "results.md", "per_sample.csv"):
+        (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
+    config = {"cure_eval_version": __version__, "model": desc, "dataset": spec.name, "n": len(x),
+              "seed": args.seed, "eps": eps, "eps_255": eps * 255, "pgd_alpha": alpha, "attacks": attacks,
+              "cascade": args.cascade, "spsa_iterations": args.spsa_iterations, "batch_size": args.batch_size,
+              "eps_sweep": sweep, "masking_check": args.masking_check, "masking_n": args.masking_n,
+              "geometry": args.geometry, "geometry_n": args.geometry_n, "device": str(device),
+              "python": platform.python_version()}
+    write_json_atomic(out / "config.json", config)
+    log.info("auditing %s on %d %s test points, ε = %g/255, PGD step %g/255, device %s",
+             name, len(x), spec.name, eps * 255, alpha * 255, device)
+
+    suite = run_suite(model, x, y, eps=eps, device=device, attacks=attacks, batch_size=args.batch_size,
+                      seed=args.seed, cascade=args.cascade, pgd_alpha=alpha, spsa_iterations=args.spsa_iterations,
+                      indices=idx, progress=progress)
+    summary: dict[str, Any] = {**suite.summary(), "dataset": spec.name, "model": desc, "pgd_alpha": alpha}
+    summary["versions"]["cure_eval"] = __version__
+
+    if sweep:
+        summary["eps_sweep"] = _run_sweep(model, x, y, sweep, out, device=device, alpha=alpha,
+                                          batch_size=args.batch_size, seed=args.seed, progress=progress)
+
+    exit_code = 0
+    if args.masking_check:
+        from .masking import run_masking_check
+
+        m_n = min(args.masking_n or len(x), len(x))
+        report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=args.seed,
+                                   pgd_alpha=alpha, spsa_iterations=args.spsa_iterations,
+                                   batch_size=args.batch_size, suite=suite if m_n == len(x) else None,
+                                   progress=progress)
+        report.plot_scatter(out / "masking_scatter.png")
+        summary["masking"] = report.to_dict()
+        log.info("\n%s\n", report.format_table())
+        if report.verdict == "suspect" and args.fail_on_masking:
+            exit_code = 3
+
+    if args.geometry:
+        from .geometry import format_table as geometry_table
+        from .geometry import measure_geometry
+
+        g_n = min(args.geometry_n, len(x))
+        geo = measure_geometry(model, x[:g_n], y[:g_n], device=device, out_dir=out, progress=progress)
+        summary["geometry"] = {k: geo[k] for k in ("top_eigenvalues", "hz_norm", "frobenius", "alignment", "wci") if k in geo}
+        log.info("\n%s\n", geometry_table(geo))
+
+    write_text_atomic(out / "per_sample.csv", _csv(suite))
+    table = format_results_table(summary)
+    write_text_atomic(out / "results.md", f"# Audit of {name} on {spec.name}, ε = {eps * 255:g}/255\n\n{table}\n")
+    write_json_atomic(out / "results.json", summary)
+    log.info("\n%s\n\noutput: %s", table, out)
+    if exit_code:
+        log.error("gradient masking suspected (--fail-on-masking): exit %d", exit_code)
+    return exit_code
+
+
+def format_results_table(summary: dict[str, Any]) -> str:
+    """The summary as a GitHub-flavoured table (accuracies in %)."""
+    rows = [["clean", f"{100 * summary['clean_accuracy']:.1f}", "", ""]]
+    for name, r in summary["attacks"].items():
+        acc = r.get("robust_accuracy")
+        if acc is None:
+            acc = r.get("cumulative_robust_accuracy")
+            label = f"{ATTACK_LABELS.get(name, name)} (cumulative)"
+        else:
+            label = ATTACK_LABELS.get(name, name)
+        med = r.get("median_min_norm")
+        rows.append([label, f"{100 * acc:.1f}", f"{r['seconds']:.1f}", "" if med is None else f"{med:.3f}"])
+    rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", ""])
+    return tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
+
+
+def _csv(suite: SuiteResult) -> str:
+    cols = ["index", "label", "clean_pred", "attack", "attacked", "adv_pred", "success", "robust",
+            "adv_loss", "linf", "l2", "min_norm"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for row in suite.rows():
+        w.writerow({k: ("" if row[k] is None else row[k]) for k in cols})
+    return buf.getvalue()
+
+
+def _parse_sweep(text: str | None) -> list[float]:
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--eps-sweep {text!r} must be a comma list of numbers in 1/255 units") from None
+    for v in values:
+        eps_from_255(v, "--eps-sweep")
+    return values
+
+
+def _run_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sweep: list[float], out: Path, *,
+               device: torch.device, alpha: float, batch_size: int, seed: int, progress: bool) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positive = [v / 255 for v in sweep if v > 0]
+    res = eps_sweep(model, x, y, positive, device=device, alpha=alpha, batch_size=batch_size, seed=seed,
+                    progress=progress) if positive else None
+    eps_255 = [0.0] + [e * 255 for e in (res.eps if res else [])]
+    accs = [float((_clean_pred(model, x, device) == y).double().mean())] + (res.robust_accuracy if res else [])
+    data = {"eps_255": eps_255, "eps": [e / 255 for e in eps_255], "robust_accuracy": accs,
+            "attack": "PGD(20)", "alpha": alpha, "monotone": bool(res.monotone) if res else True}
+    write_json_atomic(out / "eps_sweep.json", data)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(eps_255, [100 * a for a in accs], marker="o")
+    ax.set_xlabel("ε (×1/255)")
+    ax.set_ylabel("PGD(20) accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "eps_sweep.png", dpi=120)
+    plt.close(fig)
+    return data
+
+
+@torch.no_grad()
+def _clean_pred(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.cat([model(x[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(x), 512)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
