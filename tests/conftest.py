@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 
-import pytest
-import torch
-from torch import nn
+# Before torch is imported: idle OpenMP threads must not spin on a shared 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import cure_eval  # noqa: F401  (registers the timm models)
-from cure_eval.data import get_dataset_spec, load_dataset
-from cure_eval.models import NormalizedModel
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import cure_eval  # noqa: E402,F401  (registers the timm models)
+from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
+from cure_eval.models import NormalizedModel  # noqa: E402
 
 # Small models on a 2-core machine: one thread avoids OpenMP oversubscription (10x slower).
 torch.set_num_threads(1)
