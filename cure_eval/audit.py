@@ -29,9 +29,16 @@ from torch import nn
 
 from . import __version__
 from .attacks import ATTACK_NAMES, ATTACKS, SuiteResult, eps_sweep, run_suite
-from .checkpoint import load_checkpoint, load_state, load_weights_file, unwrap
+from .checkpoint import load_checkpoint, load_state, load_weights_file
 from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
-from .data import DatasetSpec, check_images, get_dataset_spec, list_datasets, load_dataset, select_points
+from .data import (
+    DatasetSpec,
+    check_images,
+    get_dataset_spec,
+    list_datasets,
+    load_dataset,
+    select_points,
+)
 from .device import resolve_device
 from .errors import CureEvalError, UsageError
 from .io import write_json_atomic, write_text_atomic
@@ -52,7 +59,9 @@ def build_parser() -> ArgumentParser:
         "write per-sample records, a summary and a table.",
     )
     m = p.add_argument_group("model (one of --checkpoint / --model)")
-    m.add_argument("--checkpoint", default=None, help="checkpoint file or run folder written by defend")
+    m.add_argument("--checkpoint", action="append", default=None,
+                   help="checkpoint file or run folder written by defend; repeat to audit several "
+                   "(each into its own subfolder of --out, curvature profiles on one figure)")
     m.add_argument("--model", default=None,
                    help="timm name, alias (resnet18, wide_resnet) or module:factory / file.py:factory "
                    "(runs that code: only use factories you trust)")
@@ -84,6 +93,9 @@ def build_parser() -> ArgumentParser:
     k.add_argument("--fail-on-masking", action="store_true", help="exit 3 when masking is suspected")
     k.add_argument("--geometry", action="store_true", help="curvature profile, Hz, Theorem 1, landscapes, WCI")
     k.add_argument("--geometry-n", type=int, default=20, help="points for the geometry measurements (default: 20)")
+    k.add_argument("--h", type=float, default=None,
+                   help="finite-difference step for curvature: ℓ2 length in [0, 1] pixel space (default: dataset's CURE h)")
+    k.add_argument("--top-k", type=int, default=10, help="eigenvalues at each end of the spectrum (default: 10)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default: runs/audit_<model>)")
@@ -105,7 +117,7 @@ def load_audit_model(
     if checkpoint is not None:
         if weights is not None:
             raise UsageError("--weights goes with --model, not --checkpoint")
-        net, info = load_checkpoint(checkpoint, device=device)
+        loaded, info = load_checkpoint(checkpoint, device=device)
         spec = get_dataset_spec(dataset or info.dataset)
         if spec.name != info.dataset:
             log.warning("checkpoint was trained on %s, auditing on %s", info.dataset, spec.name)
@@ -114,10 +126,12 @@ def load_audit_model(
                 f"checkpoint has {info.model.num_classes} classes / {info.model.in_chans} channels but "
                 f"{spec.name} has {spec.num_classes} / {spec.in_chans}: pass the matching --dataset"
             )
-        return net, spec, {"source": "checkpoint", "path": info.path, "model": info.model.name,
+        return loaded, spec, {"source": "checkpoint", "path": info.path, "model": info.model.name,
                            "method": info.method, "epoch": info.epoch}
     assert model is not None
     spec = get_dataset_spec(dataset or "digits")
+    net: nn.Module
+    desc: dict[str, Any]
     if ":" in model:
         net = load_factory(model)
         desc = {"source": "factory", "reference": model}
@@ -125,12 +139,13 @@ def load_audit_model(
             load_state(net, load_weights_file(weights), source=weights)
     else:
         cfg = model_config_for(model, spec, depth=depth, widen=widen)
-        net = create_model(cfg)
+        wrapped = create_model(cfg)
+        net = wrapped
         desc = {"source": "timm", "model": cfg.name, "kwargs": cfg.kwargs}
         if weights:
             state = load_weights_file(weights)
             # accept a state dict of the wrapped model or of the bare timm network
-            target = net if any(k.startswith("normalize.") for k in state) else unwrap(net).model
+            target: nn.Module = wrapped if any(k.startswith("normalize.") for k in state) else wrapped.model
             load_state(target, state, source=weights)
         else:
             log.warning("auditing an untrained %s (no --weights): the numbers describe random weights", cfg.name)
@@ -159,7 +174,7 @@ def check_model_outputs(model: nn.Module, x: torch.Tensor, spec: DatasetSpec, de
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
-    for flag in ("n", "masking_n", "geometry_n", "batch_size", "depth", "widen"):
+    for flag in ("n", "masking_n", "geometry_n", "batch_size", "depth", "widen", "top_k", "h"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -173,8 +188,41 @@ def _main(argv: Sequence[str] | None) -> int:
     device = resolve_device(args.device)
     progress = not args.no_progress
 
-    model, spec, desc = load_audit_model(checkpoint=args.checkpoint, model=args.model, weights=args.weights,
-                                         dataset=args.dataset, depth=args.depth, widen=args.widen, device=device)
+    checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
+    if len(checkpoints) > 1 and args.model is not None:
+        raise UsageError("give either --checkpoint (one or more) or --model, not both")
+    loaded = [load_audit_model(checkpoint=c, model=args.model, weights=args.weights, dataset=args.dataset,
+                               depth=args.depth, widen=args.widen, device=device) for c in checkpoints]
+    specs = {spec.name for _, spec, _ in loaded}
+    if len(specs) > 1:
+        raise UsageError(f"the checkpoints come from different datasets ({', '.join(sorted(specs))}): pass --dataset")
+    labels = _labels([desc for _, _, desc in loaded])
+    first = labels[0]
+    out = Path(args.out or f"runs/audit_{first if len(loaded) == 1 else 'compare'}")
+    exit_code = 0
+    profiles: dict[str, Any] = {}
+    combined: dict[str, dict[str, Any]] = {}
+    for (model, spec, desc), label in zip(loaded, labels, strict=True):
+        sub = out if len(loaded) == 1 else out / label
+        summary = audit_model(model, spec, desc, args, sub, sweep=sweep, attacks=attacks, device=device,
+                              progress=progress, label=label)
+        combined[label] = summary
+        if "geometry" in summary:
+            profiles[label] = summary["geometry"]
+        if summary.get("masking", {}).get("verdict") == "suspect" and args.fail_on_masking:
+            exit_code = 3
+    if len(loaded) > 1:
+        _write_comparison(out, combined, profiles)
+    if exit_code:
+        log.error("gradient masking suspected (--fail-on-masking): exit %d", exit_code)
+    return exit_code
+
+
+def audit_model(
+    model: nn.Module, spec: DatasetSpec, desc: dict[str, Any], args: Any, out: Path, *, sweep: list[float],
+    attacks: list[str], device: torch.device, progress: bool, label: str,
+) -> dict[str, Any]:
+    """Audit one model with the parsed CLI ``args``; write its files into ``out``; return the summary."""
     eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
     if eps == 0:
         raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")
@@ -186,8 +234,6 @@ def _main(argv: Sequence[str] | None) -> int:
     check_images(x, spec)
     check_model_outputs(model, x, spec, device)
 
-    name = desc.get("model") or desc.get("reference", "model")
-    out = Path(args.out or f"runs/audit_{Path(str(name)).stem.replace(':', '_')}")
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("results.json", "results.md", "per_sample.csv"):
         (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
@@ -199,7 +245,7 @@ def _main(argv: Sequence[str] | None) -> int:
               "python": platform.python_version()}
     write_json_atomic(out / "config.json", config)
     log.info("auditing %s on %d %s test points, ε = %g/255, PGD step %g/255, device %s",
-             name, len(x), spec.name, eps * 255, alpha * 255, device)
+             label, len(x), spec.name, eps * 255, alpha * 255, device)
 
     suite = run_suite(model, x, y, eps=eps, device=device, attacks=attacks, batch_size=args.batch_size,
                       seed=args.seed, cascade=args.cascade, pgd_alpha=alpha, spsa_iterations=args.spsa_iterations,
@@ -211,7 +257,6 @@ def _main(argv: Sequence[str] | None) -> int:
         summary["eps_sweep"] = _run_sweep(model, x, y, sweep, out, device=device, alpha=alpha,
                                           batch_size=args.batch_size, seed=args.seed, progress=progress)
 
-    exit_code = 0
     if args.masking_check:
         from .masking import run_masking_check
 
@@ -223,26 +268,67 @@ def _main(argv: Sequence[str] | None) -> int:
         report.plot_scatter(out / "masking_scatter.png")
         summary["masking"] = report.to_dict()
         log.info("\n%s\n", report.format_table())
-        if report.verdict == "suspect" and args.fail_on_masking:
-            exit_code = 3
 
     if args.geometry:
         from .geometry import format_table as geometry_table
         from .geometry import measure_geometry
 
-        g_n = min(args.geometry_n, len(x))
-        geo = measure_geometry(model, x[:g_n], y[:g_n], device=device, out_dir=out, progress=progress)
-        summary["geometry"] = {k: geo[k] for k in ("top_eigenvalues", "hz_norm", "frobenius", "alignment", "wci") if k in geo}
+        geo = measure_geometry(model, x, y, device=device, h=args.h or spec.default_h, k=args.top_k,
+                               n_points=min(args.geometry_n, len(x)), out_dir=out, eps=eps,
+                               class_names=list(spec.class_names) or None, label=label, seed=args.seed,
+                               progress=progress)
+        summary["geometry"] = {k: geo[k] for k in ("top_eigenvalues", "bottom_eigenvalues", "sorted_profile", "hz_norm",
+                                                   "frobenius", "alignment", "wci", "hvps", "seconds_per_point")
+                               if k in geo}
         log.info("\n%s\n", geometry_table(geo))
 
     write_text_atomic(out / "per_sample.csv", _csv(suite))
     table = format_results_table(summary)
-    write_text_atomic(out / "results.md", f"# Audit of {name} on {spec.name}, ε = {eps * 255:g}/255\n\n{table}\n")
+    write_text_atomic(out / "results.md", f"# Audit of {label} on {spec.name}, ε = {eps * 255:g}/255\n\n{table}\n")
     write_json_atomic(out / "results.json", summary)
     log.info("\n%s\n\noutput: %s", table, out)
-    if exit_code:
-        log.error("gradient masking suspected (--fail-on-masking): exit %d", exit_code)
-    return exit_code
+    return summary
+
+
+def _labels(descs: list[dict[str, Any]]) -> list[str]:
+    """Short unique names for the audited models (method name, else model name)."""
+    raw = [str(d.get("method") or d.get("model") or d.get("reference", "model")) for d in descs]
+    raw = [Path(r.split(":")[-1]).stem if d.get("source") == "factory" else r for r, d in zip(raw, descs, strict=True)]
+    out: list[str] = []
+    for r in raw:
+        name, k = r, 2
+        while name in out:
+            name, k = f"{r}_{k}", k + 1
+        out.append(name)
+    return out
+
+
+def _write_comparison(out: Path, combined: dict[str, dict[str, Any]], profiles: dict[str, Any]) -> None:
+    """Side-by-side table of several audited models (and their curvature profiles on one figure)."""
+    names = list(combined)
+    attacks = [a for a in ATTACKS if any(a in combined[m]["attacks"] for m in names)]
+    rows = []
+    for m in names:
+        s = combined[m]
+        row = [m, f"{100 * s['clean_accuracy']:.1f}"]
+        for a in attacks:
+            r = s["attacks"].get(a, {})
+            acc = r.get("robust_accuracy", r.get("cumulative_robust_accuracy"))
+            row.append("" if acc is None else f"{100 * acc:.1f}")
+        row.append(f"{100 * s['worst_case_accuracy']:.1f}")
+        rows.append(row)
+    table = tabulate(rows, headers=["model", "clean", *[ATTACK_LABELS[a] for a in attacks], "worst case"],
+                     tablefmt="github")
+    if profiles:
+        from .geometry import plot_profiles
+
+        plot_profiles(profiles, out / "profiles.png")
+        geo_rows = [[m, f"{g['top_eigenvalues'][0]:.4g}", f"{g['hz_norm']:.4g}", f"{g['frobenius']:.4g}",
+                     f"{g['alignment']:.3f}", f"{g['wci']:.4g}"] for m, g in profiles.items()]
+        table += "\n\n" + tabulate(geo_rows, headers=["model", "λ_max", "‖Hz‖", "‖H‖_F", "alignment", "WCI"],
+                                   tablefmt="github")
+    write_text_atomic(out / "comparison.md", table + "\n")
+    log.info("\n%s\n\ncomparison: %s", table, out / "comparison.md")
 
 
 def format_results_table(summary: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ class CheckpointInfo:
                 "extra": self.extra}
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: NormalizedModel, info: CheckpointInfo) -> None:
+def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, info: CheckpointInfo) -> None:
     """Write ``model`` and ``info`` atomically (temporary file, then rename)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     meta = {"cure_eval": json.dumps(info.to_dict())}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BNMode = Literal["train", "eval"]
+BNMode = Literal["train", "eval", "frozen"]
 
 
 @dataclass
@@ -100,21 +100,26 @@ def cure_terms(
         x, y: batch of images and labels.
         h: ℓ2 length of the finite-difference step in [0, 1] pixel space.
         squared: penalise ``||Δg||²`` (paper, default) or ``||Δg||`` (reference code).
-        bn_mode: BatchNorm in the regulariser passes. ``"train"`` (default) uses batch statistics
-            and shares the loss forward with ``∇ℓ(x)``: two forwards per step in total; running
-            statistics are not updated by the ``x + hz`` pass. ``"eval"`` uses running statistics
-            as the reference code does, which needs a separate forward at ``x``: three forwards.
+        bn_mode: BatchNorm in the regulariser passes.
+            ``"train"``: batch statistics everywhere; the loss forward is shared with ``∇ℓ(x)``:
+            two forwards per step; the ``x + hz`` pass does not update the running statistics.
+            ``"eval"``: running statistics in the regulariser passes, batch statistics for the
+            loss, as the reference code does: a separate forward at ``x``, three forwards.
+            ``"frozen"``: running statistics everywhere and never updated (BatchNorm is a fixed
+            affine map, as is common when fine-tuning): two forwards, and the cheapest double
+            backward because BatchNorm's second derivative vanishes.
         create_graph: keep the graph of the input gradients (must be True for training; False
             only for measuring).
     """
-    if bn_mode not in ("train", "eval"):
-        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+    if bn_mode not in ("train", "eval", "frozen"):
+        raise ValueError(f"bn_mode must be 'train', 'eval' or 'frozen', got {bn_mode!r}")
     x = x.detach().requires_grad_(True)
-    if bn_mode == "train":
-        grad, loss_vec, logits = input_gradient(model, x, y, create_graph=create_graph)
-        z = cure_direction(grad)
-        with frozen_bn_stats(model):
-            grad_h, _, _ = input_gradient(model, x.detach() + h * z, y, create_graph=create_graph)
+    if bn_mode in ("train", "frozen"):
+        with bn_eval(model) if bn_mode == "frozen" else contextlib.nullcontext():
+            grad, loss_vec, logits = input_gradient(model, x, y, create_graph=create_graph)
+            z = cure_direction(grad)
+            with frozen_bn_stats(model):
+                grad_h, _, _ = input_gradient(model, x.detach() + h * z, y, create_graph=create_graph)
     else:
         logits = model(x)
         loss_vec = F.cross_entropy(logits, y, reduction="none")

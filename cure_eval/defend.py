@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint, unwrap
 from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
 from .data import DatasetSpec, get_dataset_spec, list_datasets, load_dataset, select_points
 from .device import resolve_device
-from .errors import CureEvalError, UsageError
+from .errors import UsageError
 from .evaluation import evaluate
 from .io import write_json_atomic, write_text_atomic
 from .methods import Method, TrainContext, get_method, list_methods, parse_method_args
@@ -178,7 +178,8 @@ def _main(argv: Sequence[str] | None) -> int:
     timings: dict[str, float] = {}
 
     # 1. The normal model (or the --init checkpoint) that the method starts from / is compared to.
-    base_model = None
+    base_model: torch.nn.Module | None = None
+    model: torch.nn.Module
     if args.init:
         base_model, info = load_checkpoint(args.init, device=device)
         if info.model.to_dict() != mcfg.to_dict():

@@ -31,7 +31,7 @@ from .data import DatasetSpec
 from .errors import CureEvalError
 from .io import append_jsonl, read_jsonl, write_text_atomic
 from .methods import Method
-from .models import ModelConfig, NormalizedModel
+from .models import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int, rank: int =
 
 @dataclass
 class TrainResult:
-    model: NormalizedModel
+    model: nn.Module
     metrics: list[dict[str, Any]]
     seconds_per_epoch: float
     resumed_from: int
 
 
 def train(
-    model: NormalizedModel,
+    model: nn.Module,
     method: Method,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -202,12 +202,18 @@ def is_complete(out_dir: str | Path, epochs: int) -> bool:
 
 
 def _probe(model: nn.Module, method: Method, probe: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Per-epoch measurements on a fixed probe batch: clean and PGD(20) accuracy, method extras."""
+    from .evaluation import pgd_accuracy
+
     px, py = probe[0].to(device), probe[1].to(device)
+    ctx = method.ctx
     with eval_mode(model):
         with torch.no_grad():
-            acc = float((model(px).argmax(1) == py).float().mean())
+            acc = float((model(px).argmax(1) == py).double().mean())
+        robust = pgd_accuracy(model, px, py, eps=ctx.eps, device=device, steps=20,
+                              alpha=ctx.spec.pgd_alpha / 255, progress=False)
         extra = method.probe_metrics(model, px, py)
-    return {"probe_clean_acc": acc, **extra}
+    return {"probe_clean_acc": acc, "probe_pgd20_acc": robust, **extra}
 
 
 def _config_dict(cfg: Any) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def test_regulariser_is_a_finite_difference_of_the_exact_hessian() -> None:
     terms = cure_terms(model, x, y, h=h, create_graph=False)
     for i in range(len(x)):
         xi, yi = x[i:i + 1], y[i:i + 1]
-        hess = torch.autograd.functional.hessian(lambda v: F.cross_entropy(model(v.view_as(xi)), yi), xi.flatten())
+        hess = torch.autograd.functional.hessian(
+            lambda v, xi=xi, yi=yi: F.cross_entropy(model(v.view_as(xi)), yi), xi.flatten())
         z = cure_direction(_grad(model, xi, yi)).flatten()
         exact = (hess @ z).pow(2).sum()
         assert float(terms.reg_per_sample[i]) / h**2 == pytest.approx(float(exact), rel=1e-3)

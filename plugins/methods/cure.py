@@ -15,6 +15,7 @@ from torch import nn
 
 from cure_eval.cure import cure_terms
 from cure_eval.data import DatasetSpec
+from cure_eval.geometry import curvature_summaries
 from cure_eval.methods import Method, MethodConfig
 
 
@@ -30,6 +31,10 @@ class CureConfig(MethodConfig):
         squared: ``||Δg||²`` as in the paper (True) or ``||Δg||`` as in the reference code.
         bn_mode: BatchNorm in the regulariser passes, ``train`` (batch statistics, 2 forwards per
             step) or ``eval`` (running statistics as in the reference code, 3 forwards).
+        probe_points, probe_gaussian: size of the per-epoch curvature log (``hz_norm``,
+            ``frobenius`` on the first ``probe_points`` probe images, final ``h``, central
+            differences), so that "curvature falls while robustness rises" can be drawn from
+            ``metrics.jsonl`` (paper Fig. 10/14).
     """
 
     gamma: float = 4.0
@@ -37,6 +42,9 @@ class CureConfig(MethodConfig):
     h_ramp_epochs: int = 5
     squared: bool = True
     bn_mode: str = "train"
+    #: per-epoch curvature log on the probe batch: points and Gaussian draws for ||H||_F (0: off)
+    probe_points: int = 32
+    probe_gaussian: int = 20
 
 
 class CureMethod(Method):
@@ -92,3 +100,13 @@ class CureMethod(Method):
         acc = (terms.logits.argmax(1) == y).float().mean()
         return {"loss": float(terms.loss.detach()), "regularizer": float(terms.reg.detach()),
                 "train_acc": float(acc), "h": self.current_h}
+
+    def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        c = self.config
+        assert isinstance(c, CureConfig)
+        if c.probe_points <= 0:
+            return {}
+        with torch.enable_grad():
+            s = curvature_summaries(model, x[: c.probe_points], y[: c.probe_points], h=c.h,
+                                    n_gaussian=c.probe_gaussian, device=self.ctx.device)
+        return {"hz_norm": float(s["hz_norm"]), "frobenius": float(s["frobenius"])}

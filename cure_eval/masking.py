@@ -1,0 +1,1098 @@
+"""Gradient-masking checks: is a model's robustness real, or do its gradients lie?
+
+A robustness number from gradient attacks (FGSM, PGD) is only as good as the gradients. A model
+can look robust because its gradients are useless — shattered (non-differentiable or zero),
+vanishing (saturated softmax) or stochastic (randomness at inference) — while adversarial
+examples exist in plenty (Athalye, Carlini and Wagner 2018, https://arxiv.org/abs/1802.00420;
+Carlini et al. 2019, https://arxiv.org/abs/1902.06705). This module runs the standard warning
+signs as small, separate checks, each returning one :class:`Finding`, and combines them in
+:func:`run_masking_check` into a :class:`MaskingReport` with a verdict.
+
+The central check is the CURE paper's (Moosavi-Dezfooli et al., CVPR 2019,
+https://arxiv.org/abs/1811.09716, §5 "Stronger attacks and verifying the absence of gradient
+masking", Fig. 7): per test point, the *adversarial loss* (true logit minus largest other logit at
+the returned point) of the gradient-free SPSA attack (Uesato et al. 2018,
+https://arxiv.org/abs/1802.05666) against that of PGD(100). If SPSA, which never looks at a
+gradient, does clearly better than PGD, the gradients are masked.
+
+=========================  ==================================================================
+check                      warning sign (source)
+=========================  ==================================================================
+``spsa_vs_pgd``            gradient-free SPSA beats PGD(100) per point (CURE Fig. 7; Uesato
+                           et al. 2018; Athalye et al. 2018 "black-box beats white-box")
+``fgsm_vs_pgd``            single-step FGSM fools points PGD(100) does not (Athalye et al. 2018;
+                           Carlini et al. 2019)
+``eps_monotone``           PGD robust accuracy rises with ε (Carlini et al. 2019)
+``unbounded``              PGD with ε = 1 (the whole input range) does not fool everything (ART;
+                           Carlini et al. 2019; Pintor et al. 2022 "unconstrained attack
+                           failure")
+``random_noise``           uniform noise in the ε-ball fools points PGD(100) does not (Athalye
+                           et al. 2018; Carlini et al. 2019)
+``gradients``              zero, NaN or infinite input gradients (ART; AutoAttack; Pintor et al.
+                           2022 "unavailable gradients")
+``randomised_forward``     the same input gives different logits (AutoAttack, Croce and Hein
+                           2020, https://arxiv.org/abs/2003.01690)
+``probability_outputs``    outputs are probabilities, not logits (AutoAttack)
+``pgd_convergence``        PGD(100) still far below PGD(40), or PGD's loss still rising at its
+                           last steps (Pintor et al. 2022, https://arxiv.org/abs/2106.09947,
+                           "incomplete optimisation")
+=========================  ==================================================================
+
+Statuses and the verdict. Each check compares one number (``value``) with one ``threshold``:
+``FAIL`` when the value is beyond the threshold, ``WARN`` when it shows some evidence that stays
+within what honest models produced in our measurements (see each check), ``PASS`` otherwise. The
+verdict is ``"suspect"`` if any check FAILs and ``"pass"`` otherwise: WARNs are reported, not
+counted, because every one of them was seen on normally trained or CURE-trained digits models
+that have no masking (``docs/masking.md`` lists the measured values behind every threshold).
+
+Fractions are per point and over the *attacked* points (those classified correctly clean), the
+same denominator for every check, so that a FAIL reads "this share of the points we attacked".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .attacks import AttackResult, SuiteResult, eps_sweep, run_suite
+from .data import select_points
+from .errors import UsageError
+from .training import eval_mode
+
+log = logging.getLogger(__name__)
+
+Status = Literal["PASS", "WARN", "FAIL"]
+Verdict = Literal["pass", "suspect"]
+
+#: The attacks of the suite the checks need (reused from a given :class:`SuiteResult`).
+NEEDED_ATTACKS: tuple[str, ...] = ("fgsm", "pgd40", "pgd100", "spsa")
+
+# --------------------------------------------------------------------------------------------
+# Thresholds. Measured on digits models (normal, CURE, and three models that mask on purpose);
+# the numbers behind each choice are in docs/masking.md and in each check's docstring.
+# --------------------------------------------------------------------------------------------
+#: SPSA counts as "stronger" on a point when its adversarial loss is below PGD(100)'s by more
+#: than this fraction of the point's clean margin (scale-free: logits ×1e4 change nothing).
+SPSA_TOLERANCE = 0.1
+#: FAIL when SPSA fools more than this fraction of the attacked points that PGD(100) did not.
+SPSA_BEATS_PGD_FAIL = 0.05
+#: FAIL when FGSM fools more than this fraction of the attacked points that PGD(100) did not.
+FGSM_BEATS_PGD_FAIL = 0.02
+#: FAIL when PGD robust accuracy rises by more than this between two successive radii.
+EPS_RISE_FAIL = 0.02
+#: Multiples of ε of the sweep (capped at 1), PGD(20) with step max(pgd_alpha, 2.5·ε/20).
+EPS_SWEEP_FACTORS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+EPS_SWEEP_STEPS = 20
+#: FAIL when PGD at ε = 1 from the clean input leaves more than this fraction correct.
+UNBOUNDED_FAIL = 0.02
+UNBOUNDED_STEPS = 100
+#: FAIL when uniform noise fools more than this fraction of points that PGD(100) did not.
+NOISE_BEATS_PGD_FAIL = 0.02
+NOISE_DRAWS = 100
+#: FAIL when more than this fraction of the points has a zero, NaN or infinite gradient.
+GRADIENTS_FAIL = 0.05
+#: FAIL when logits of repeated passes differ by more than this (relative to max(1, max|z|)).
+RANDOM_FORWARD_FAIL = 1e-4
+RANDOM_FORWARD_PASSES = 5
+#: FAIL when more than this fraction of output rows are non-negative and sum to 1.
+PROBABILITY_FAIL = 0.5
+PROBABILITY_ATOL = 1e-3
+#: FAIL when more than this fraction of the points is still changing with more PGD iterations.
+CONVERGENCE_FAIL = 0.05
+#: Pintor et al. 2022: the best normalised loss still improving by > 0.05 over the last 10 steps.
+CONVERGENCE_WINDOW = 10
+CONVERGENCE_DELTA = 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# Findings and the report.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Finding:
+    """The outcome of one check.
+
+    Attributes:
+        name: the check (``"spsa_vs_pgd"``, ``"gradients"``...).
+        status: ``"PASS"``, ``"WARN"`` or ``"FAIL"`` (see the module docs).
+        value: the measured number the status is decided on.
+        threshold: the FAIL threshold ``value`` is compared with.
+        message: one line: what was measured and what it means.
+        details: further measurements (JSON-ready: numbers, strings, lists).
+    """
+
+    name: str
+    status: Status
+    value: float
+    threshold: float
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, *, details: bool = False) -> dict[str, Any]:
+        """``{"name", "status", "value", "threshold", "message"}`` (plus ``details`` if asked)."""
+        out: dict[str, Any] = {"name": self.name, "status": self.status, "value": _json_float(self.value),
+                               "threshold": _json_float(self.threshold), "message": self.message}
+        if details:
+            out["details"] = _jsonable(self.details)
+        return out
+
+
+def _status(value: float, threshold: float, *, warn: bool, above: bool = True) -> Status:
+    """FAIL beyond ``threshold`` (above it, or below it with ``above=False``), else WARN/PASS."""
+    if math.isnan(value):
+        return "WARN"
+    beyond = value > threshold if above else value < threshold
+    if beyond:
+        return "FAIL"
+    return "WARN" if warn else "PASS"
+
+
+def _json_float(v: float) -> float | None:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _jsonable(obj: Any) -> Any:
+    """Details as plain JSON types (NaN/inf → None, tensors/arrays → lists)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    return obj
+
+
+@dataclass
+class MaskingReport:
+    """All findings of :func:`run_masking_check` and the per-point data of the Fig. 7 scatter.
+
+    ``verdict`` is ``"suspect"`` if any finding FAILs, else ``"pass"`` (WARNs do not count, see
+    the module docs). ``pgd_margin`` / ``spsa_margin`` hold the adversarial loss (true logit minus
+    largest other logit, CURE Fig. 7) at the points PGD(100) and SPSA returned, for the attacked
+    (clean-correct) points, NaN elsewhere.
+    """
+
+    verdict: Verdict
+    findings: list[Finding]
+    eps: float
+    n: int
+    clean_accuracy: float
+    clean_correct: torch.Tensor
+    clean_margin: torch.Tensor
+    pgd_margin: torch.Tensor
+    spsa_margin: torch.Tensor
+    tolerance: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == "FAIL"]
+
+    @property
+    def warned(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == "WARN"]
+
+    def finding(self, name: str) -> Finding:
+        """The finding called ``name`` (KeyError if there is none)."""
+        for f in self.findings:
+            if f.name == name:
+                return f
+        raise KeyError(f"no finding {name!r}: have {', '.join(f.name for f in self.findings)}")
+
+    def to_dict(self, *, details: bool = True) -> dict[str, Any]:
+        """JSON-ready: ``{"verdict", "findings": [{"name", "status", "value", "threshold",
+        "message"}...], "failed", "warned", "eps", "n", "clean_accuracy", "tolerance",
+        "settings", "seconds", "details": {name: details}}``."""
+        return {
+            "verdict": self.verdict,
+            "findings": [f.to_dict() for f in self.findings],
+            "failed": [f.name for f in self.failed],
+            "warned": [f.name for f in self.warned],
+            "eps": self.eps,
+            "n": self.n,
+            "clean_accuracy": _json_float(self.clean_accuracy),
+            "tolerance": self.tolerance,
+            "settings": _jsonable(self.settings),
+            "seconds": self.seconds,
+            **({"details": {f.name: _jsonable(f.details) for f in self.findings}} if details else {}),
+        }
+
+    def format_table(self, *, tablefmt: str = "github") -> str:
+        """The findings as a table (tabulate), verdict on the first line."""
+        from tabulate import tabulate
+
+        rows = [[f.name, f.status, _fmt(f.value), _fmt(f.threshold), f.message] for f in self.findings]
+        head = (f"gradient-masking check: {self.verdict.upper()} ({len(self.failed)} FAIL, "
+                f"{len(self.warned)} WARN; {self.n} points, ε = {self.eps * 255:.4g}/255)")
+        table = tabulate(rows, headers=["check", "status", "value", "FAIL if beyond", "what it means"],
+                         tablefmt=tablefmt)
+        return f"{head}\n{table}"
+
+    def plot_scatter(self, path: str | Path, *, title: str | None = None) -> Path:
+        """CURE Fig. 7: SPSA adversarial loss (y) against PGD(100)'s (x), one dot per point.
+
+        Only attacked (clean-correct) points are drawn. The line y = x and the zero lines are
+        marked; points where SPSA's loss is lower than PGD's by more than the tolerance are red.
+        Written as a PNG (Agg canvas, no global pyplot state); returns the path.
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        path = Path(path)
+        mask = self.clean_correct & torch.isfinite(self.pgd_margin) & torch.isfinite(self.spsa_margin)
+        px = self.pgd_margin[mask].double().numpy()
+        sy = self.spsa_margin[mask].double().numpy()
+        cm = self.clean_margin[mask].double().numpy()
+        red = sy < px - self.tolerance * np.abs(cm)
+        fig = Figure(figsize=(5.2, 5.0), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        if len(px):
+            lo = float(min(px.min(), sy.min()))
+            hi = float(max(px.max(), sy.max()))
+            pad = 0.05 * (hi - lo) if hi > lo else 1.0
+            lo, hi = lo - pad, hi + pad
+            ax.plot([lo, hi], [lo, hi], color="0.3", lw=1.0, ls="--", label="y = x", zorder=1)
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+        ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+        ax.axvline(0.0, color="0.6", lw=0.8, zorder=0)
+        ax.scatter(px[~red], sy[~red], s=12, c="tab:blue", alpha=0.7, zorder=2,
+                   label=f"similar or PGD stronger ({int((~red).sum())})")
+        ax.scatter(px[red], sy[red], s=14, c="tab:red", alpha=0.85, zorder=3,
+                   label=f"SPSA stronger ({int(red.sum())})")
+        ax.set_xlabel("adversarial loss, PGD(100)  (true − best other logit)")
+        ax.set_ylabel("adversarial loss, SPSA")
+        failed = ", ".join(f.name for f in self.failed)
+        ax.set_title(title or (f"gradient masking: {self.verdict.upper()}"
+                               + (f" ({failed})" if failed else "")
+                               + f"\nε = {self.eps * 255:.4g}/255, {int(mask.sum())} points"),
+                     fontsize=9)
+        ax.legend(loc="upper left", fontsize=7, framealpha=0.9)
+        ax.text(0.98, 0.02, "negative: misclassified", transform=ax.transAxes, ha="right",
+                va="bottom", fontsize=7, color="0.4")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+
+
+def _fmt(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.3g}"
+    return f"{v:.4g}"
+
+
+def _frac(mask: torch.Tensor, among: torch.Tensor) -> float:
+    """Share of the ``among`` points where ``mask`` holds (NaN when there are none)."""
+    k = int(among.sum())
+    return float((mask & among).sum()) / k if k else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers that run the model.
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def _model_on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Model on ``device`` in eval mode; the caller's train/eval modes restored afterwards."""
+    model.to(device)
+    with eval_mode(model):
+        yield model
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` inside ``fork_rng``: the caller's RNG state is untouched."""
+    devices: list[int] = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            out.append(model(x[s:s + batch_size].to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@dataclass
+class PGDTrajectory:
+    """Per-point record of one ℓ∞ PGD run (CPU tensors).
+
+    ``loss[:, t]`` is the cross-entropy at the iterate after ``t`` steps (``t = 0``: the start),
+    ``fooled[:, t]`` whether that iterate is misclassified, ``x_adv`` the last iterate.
+    """
+
+    loss: torch.Tensor
+    fooled: torch.Tensor
+    x_adv: torch.Tensor
+
+
+def pgd_trajectory(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float,
+    steps: int,
+    device: torch.device | str,
+    seed: int = 0,
+    random_start: bool = True,
+    early_stop: bool = False,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> PGDTrajectory:
+    """ℓ∞ PGD (Madry et al. 2018) that records every iterate's per-point loss.
+
+    Exactly ``torchattacks.PGD``'s operations (uniform random start drawn with
+    ``torch.empty_like(x).uniform_(-eps, eps)`` after ``torch.manual_seed(seed)``, gradient of the
+    batch-mean cross-entropy, step ``alpha·sign(grad)``, projection onto the ε-ball ∩ [0, 1]);
+    the per-point losses are read off the same forward passes, plus one forward at the last
+    iterate. With ``early_stop`` a point stops at its first misclassified iterate (its later
+    columns repeat that iterate's values). Model in eval mode, its modes restored afterwards.
+    """
+    if steps < 1:
+        raise UsageError(f"PGD steps must be >= 1, got {steps}")
+    dev = torch.device(device)
+    n = len(x)
+    loss_all = torch.zeros(n, steps + 1)
+    fooled_all = torch.zeros(n, steps + 1, dtype=torch.bool)
+    x_out = x.detach().cpu().clone()
+    with _model_on(model, dev), _seeded(seed, dev), torch.enable_grad(), \
+            tqdm(total=n, desc=f"pgd{steps} ε={eps * 255:.3g}/255", unit="pt", disable=not progress,
+                 leave=False) as bar:
+        for s in range(0, n, batch_size):
+            xb = x[s:s + batch_size].detach().to(dev)
+            yb = y[s:s + batch_size].to(dev)
+            adv = xb.clone()
+            if random_start:
+                adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-eps, eps), 0, 1).detach()
+            active = torch.arange(len(xb), device=dev)
+            rows = torch.arange(s, s + len(xb))
+            for t in range(steps + 1):
+                a = adv[active].clone().requires_grad_(t < steps)
+                out = model(a)
+                lvec = F.cross_entropy(out, yb[active], reduction="none")
+                fooled = out.argmax(dim=1) != yb[active]
+                idx = rows[active.cpu()]
+                loss_all[idx, t:] = lvec.detach().float().cpu()[:, None]
+                fooled_all[idx, t:] = fooled.cpu()[:, None]
+                if t == steps:
+                    break
+                (grad,) = torch.autograd.grad(lvec.mean(), a)
+                step = a.detach() + alpha * grad.sign()
+                delta = torch.clamp(step - xb[active], min=-eps, max=eps)
+                adv[active] = torch.clamp(xb[active] + delta, 0, 1).detach()
+                if early_stop:
+                    keep = ~fooled
+                    adv[active[fooled]] = a.detach()[fooled]  # keep the fooling iterate
+                    active = active[keep]
+                    if len(active) == 0:
+                        break
+            x_out[s:s + len(xb)] = adv.detach().cpu()
+            bar.update(len(xb))
+    return PGDTrajectory(loss=loss_all, fooled=fooled_all, x_adv=x_out)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks.
+# --------------------------------------------------------------------------------------------
+def check_spsa_vs_pgd(
+    *,
+    pgd_margin: torch.Tensor,
+    spsa_margin: torch.Tensor,
+    clean_margin: torch.Tensor,
+    attacked: torch.Tensor,
+    tolerance: float = SPSA_TOLERANCE,
+    threshold: float = SPSA_BEATS_PGD_FAIL,
+) -> Finding:
+    """The CURE paper's check (Fig. 7), per point: does gradient-free SPSA beat PGD(100)?
+
+    Measures, over the attacked (clean-correct) points:
+
+    * ``value``: the share of points SPSA fools (adversarial loss < 0) while PGD(100) does not:
+      points on which robustness under PGD is an artefact of the gradients;
+    * ``spsa_stronger``: the share where SPSA's adversarial loss is below PGD(100)'s by more than
+      ``tolerance`` × the point's clean margin (the red points of Fig. 7; scale-free, so a
+      model whose logits are multiplied by 10⁴ is judged the same way);
+    * the Spearman rank correlation of the two losses (``scipy.stats.spearmanr``), over all
+      attacked points and over those PGD did not fool;
+    * both robust accuracies over the attacked points.
+
+    FAIL when ``value > threshold``; WARN when SPSA beats PGD on any point or is stronger on
+    more than ``threshold`` of them. Only "SPSA fools, PGD does not" decides FAIL: SPSA stops
+    at the first misclassified iterate and returns the best one, whereas PGD maximises
+    cross-entropy and returns its last iterate, so on honest models SPSA's *loss* is often a
+    little lower than PGD's on points both fail on (CURE model: ~20-30 % red points within a
+    fraction of a logit, the "few points" of Fig. 7), which says nothing about masking.
+    """
+    att = attacked.bool()
+    pgd_fooled = pgd_margin < 0
+    spsa_fooled = spsa_margin < 0
+    beats = att & spsa_fooled & ~pgd_fooled
+    stronger = att & (spsa_margin < pgd_margin - tolerance * clean_margin.abs())
+    value = _frac(beats, att)
+    stronger_frac = _frac(stronger, att)
+    rho_all = _spearman(pgd_margin[att], spsa_margin[att])
+    both = att & ~pgd_fooled
+    rho_robust = _spearman(pgd_margin[both], spsa_margin[both])
+    pgd_acc = _frac(~pgd_fooled, att)
+    spsa_acc = _frac(~spsa_fooled, att)
+    details = {"spsa_beats_pgd": int(beats.sum()), "spsa_stronger": int(stronger.sum()),
+               "spsa_stronger_fraction": stronger_frac, "attacked": int(att.sum()),
+               "spearman": rho_all, "spearman_pgd_robust": rho_robust,
+               "pgd100_robust_accuracy": pgd_acc, "spsa_robust_accuracy": spsa_acc,
+               "tolerance": tolerance}
+    status = _status(value, threshold, warn=bool(beats.any()) or stronger_frac > threshold)
+    message = (f"SPSA fools {_pct(value)} of the attacked points PGD(100) does not "
+               f"(robust: PGD {_pct(pgd_acc)}, SPSA {_pct(spsa_acc)}; SPSA loss lower on "
+               f"{_pct(stronger_frac)}, Spearman {rho_all:.2f})")
+    message += (": gradient-free beats gradient attack, gradients are masked" if status == "FAIL"
+                else ": SPSA finds nothing PGD misses" if not beats.any()
+                else ": a few points, within what honest models show")
+    return Finding("spsa_vs_pgd", status, value, threshold, message, details)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    if len(a) < 3:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    an, bn = a.double().numpy(), b.double().numpy()
+    ok = np.isfinite(an) & np.isfinite(bn)
+    if ok.sum() < 3 or np.ptp(an[ok]) == 0 or np.ptp(bn[ok]) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = spearmanr(an[ok], bn[ok]).statistic
+    return float(rho)
+
+
+def _pct(v: float) -> str:
+    return "nan" if math.isnan(v) else f"{100 * v:.1f} %"
+
+
+def check_fgsm_vs_pgd(
+    *,
+    fgsm_fooled: torch.Tensor,
+    pgd_fooled: torch.Tensor,
+    attacked: torch.Tensor,
+    threshold: float = FGSM_BEATS_PGD_FAIL,
+) -> Finding:
+    """Single-step beats iterative: FGSM fools points PGD(100) does not (per point).
+
+    PGD with many small steps explores the ε-ball far better than FGSM's single step; where
+    FGSM still wins, PGD's steps were misled by the local gradient (a hallmark of masking,
+    Athalye et al. 2018, §3). ``value``: share of attacked points FGSM fools and PGD(100) does
+    not. FAIL above ``threshold``, WARN on any such point.
+    """
+    att = attacked.bool()
+    beats = att & fgsm_fooled & ~pgd_fooled
+    value = _frac(beats, att)
+    fgsm_acc = _frac(~fgsm_fooled, att)
+    pgd_acc = _frac(~pgd_fooled, att)
+    status = _status(value, threshold, warn=bool(beats.any()))
+    message = (f"FGSM fools {_pct(value)} of the attacked points PGD(100) does not "
+               f"(robust: FGSM {_pct(fgsm_acc)}, PGD {_pct(pgd_acc)})")
+    message += (": single step beats 100 steps, PGD's gradients mislead it" if status == "FAIL"
+                else ": as expected, PGD is the stronger attack")
+    return Finding("fgsm_vs_pgd", status, value, threshold, message,
+                   {"fgsm_beats_pgd": int(beats.sum()), "attacked": int(att.sum()),
+                    "fgsm_robust_accuracy": fgsm_acc, "pgd100_robust_accuracy": pgd_acc})
+
+
+def check_eps_monotone(
+    *,
+    eps: Sequence[float],
+    robust_accuracy: Sequence[float],
+    threshold: float = EPS_RISE_FAIL,
+) -> Finding:
+    """Robust accuracy must not rise as ε grows (a larger ball contains the smaller one).
+
+    ``value``: the largest rise of robust accuracy between two successive radii (0 when the
+    curve never rises). FAIL above ``threshold``, WARN on any rise (a different random start per
+    radius can cost a point or two on honest models). Feed it :func:`~cure_eval.attacks.eps_sweep`'s
+    ``eps`` and ``robust_accuracy``.
+    """
+    if len(eps) != len(robust_accuracy) or not eps:
+        raise UsageError("check_eps_monotone needs one robust accuracy per eps")
+    order = sorted(range(len(eps)), key=lambda i: eps[i])
+    es = [float(eps[i]) for i in order]
+    accs = [float(robust_accuracy[i]) for i in order]
+    rises = [accs[i + 1] - accs[i] for i in range(len(accs) - 1)]
+    value = max([0.0, *rises])
+    status = _status(value, threshold, warn=value > 0)
+    curve = ", ".join(f"{e * 255:.3g}:{100 * a:.0f}" for e, a in zip(es, accs, strict=True))
+    message = (f"PGD robust accuracy vs ε/255 [{curve}] %: largest rise {_pct(value)}")
+    message += (": a larger ε helps the model, the attack is failing" if status == "FAIL"
+                else ": falls with ε as it must" if value == 0 else ": small rise, attack noise")
+    return Finding("eps_monotone", status, value, threshold, message,
+                   {"eps": es, "robust_accuracy": accs})
+
+
+def check_unbounded(
+    *,
+    robust: torch.Tensor,
+    attacked: torch.Tensor,
+    threshold: float = UNBOUNDED_FAIL,
+    steps: int = UNBOUNDED_STEPS,
+) -> Finding:
+    """PGD with ε = 1 (any image in [0, 1]) must fool (almost) every point.
+
+    ``robust``: per point, still correctly classified after PGD at ε = 1. ``value``: share of
+    attacked points not fooled. The PGD here starts from the clean input (no random start):
+    a random start at ε = 1 is a random image, misclassified ~90 % of the time by any model,
+    which would hide an attack whose gradients do not work. FAIL above ``threshold``; WARN on
+    any surviving point.
+    """
+    att = attacked.bool()
+    value = _frac(robust.bool(), att)
+    status = _status(value, threshold, warn=bool((robust.bool() & att).any()))
+    message = f"PGD({steps}) at ε = 1 from the clean input leaves {_pct(value)} of the attacked points correct"
+    message += (": an unbounded attack must reach 100 % success, its gradients do not work"
+                if status == "FAIL" else ": the attack can reach any image, as it must")
+    return Finding("unbounded", status, value, threshold, message,
+                   {"survivors": int((robust.bool() & att).sum()), "attacked": int(att.sum()),
+                    "steps": steps})
+
+
+def check_random_noise(
+    *,
+    noise_fooled: torch.Tensor,
+    pgd_fooled: torch.Tensor,
+    attacked: torch.Tensor,
+    draws: int = NOISE_DRAWS,
+    threshold: float = NOISE_BEATS_PGD_FAIL,
+) -> Finding:
+    """Uniform random noise in the ε-ball finds adversarial examples PGD(100) missed.
+
+    ``noise_fooled``: per point, at least one of ``draws`` uniform draws misclassified (see
+    :func:`random_noise_fooled`). ``value``: share of attacked points noise fools and PGD(100)
+    does not. FAIL above ``threshold``; WARN on any such point.
+    """
+    att = attacked.bool()
+    beats = att & noise_fooled.bool() & ~pgd_fooled.bool()
+    value = _frac(beats, att)
+    noise_rate = _frac(noise_fooled.bool(), att)
+    status = _status(value, threshold, warn=bool(beats.any()))
+    message = (f"{draws} uniform noise draws fool {_pct(value)} of the attacked points PGD(100) does not "
+               f"(noise fools {_pct(noise_rate)} overall)")
+    message += (": random search beats gradient search, gradients are masked" if status == "FAIL"
+                else ": noise finds nothing PGD misses" if not beats.any() else ": a few points")
+    return Finding("random_noise", status, value, threshold, message,
+                   {"noise_beats_pgd": int(beats.sum()), "noise_fooled_fraction": noise_rate,
+                    "attacked": int(att.sum()), "draws": draws})
+
+
+def check_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    device: torch.device | str,
+    eps: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    threshold: float = GRADIENTS_FAIL,
+) -> Finding:
+    """Zero, NaN or infinite input gradients of the cross-entropy, per point.
+
+    The gradient of the per-point cross-entropy (the loss PGD and FGSM follow) is taken at the
+    clean input and, if ``eps`` is given, at one uniform random point of the ε-ball. A point is
+    *unavailable* when either gradient is all zeros or contains NaN/inf; if the model's output is
+    not connected to its input at all (``.detach()``, numpy inside), every point is. ``value``:
+    share of the given points that are unavailable (pass the attacked points). FAIL above
+    ``threshold``; WARN on any.
+
+    Zero gradients can be honest: a softmax saturated beyond float32 (margin > ~104 logits)
+    gives an exact 0 — a real obstacle for cross-entropy attacks all the same.
+    """
+    dev = torch.device(device)
+    n = len(x)
+    zero = torch.zeros(n, dtype=torch.bool)
+    nonfinite = torch.zeros(n, dtype=torch.bool)
+    broken = ""
+    with _model_on(model, dev), _seeded(seed, dev), torch.enable_grad():
+        for s in range(0, n, batch_size):
+            xb = x[s:s + batch_size].detach().to(dev)
+            yb = y[s:s + batch_size].to(dev)
+            starts = [xb]
+            if eps is not None:
+                starts.append(torch.clamp(xb + torch.empty_like(xb).uniform_(-eps, eps), 0, 1))
+            for xs in starts:
+                xs = xs.clone().requires_grad_(True)
+                try:
+                    loss = F.cross_entropy(model(xs), yb, reduction="sum")
+                    (g,) = torch.autograd.grad(loss, xs)
+                except RuntimeError as e:  # output not connected to the input
+                    broken = str(e).splitlines()[0]
+                    zero[s:s + len(xb)] = True
+                    continue
+                g = g.detach().flatten(1).cpu()
+                zero[s:s + len(xb)] |= (g == 0).all(dim=1)
+                nonfinite[s:s + len(xb)] |= ~torch.isfinite(g).all(dim=1)
+    bad = zero | nonfinite
+    value = float(bad.double().mean()) if n else float("nan")
+    status = _status(value, threshold, warn=bool(bad.any()))
+    what = "graph broken" if broken else f"{int(zero.sum())} zero, {int(nonfinite.sum())} NaN/inf"
+    message = f"input gradient of the cross-entropy unavailable on {_pct(value)} of the points ({what})"
+    message += (": gradient attacks cannot move, robustness under them means nothing"
+                if status == "FAIL" else ": gradients are usable")
+    return Finding("gradients", status, value, threshold, message,
+                   {"zero": int(zero.sum()), "nonfinite": int(nonfinite.sum()), "points": n,
+                    "graph_broken": broken or None, "random_point_too": eps is not None})
+
+
+def check_randomised_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    device: torch.device | str,
+    passes: int = RANDOM_FORWARD_PASSES,
+    batch_size: int = 256,
+    threshold: float = RANDOM_FORWARD_FAIL,
+) -> Finding:
+    """The same input must give the same logits: ``passes`` forward passes in eval mode.
+
+    AutoAttack's check (logits differing by more than 1e-4 across passes mean a randomised
+    defence, which needs EOT-style attacks). ``value``: the largest absolute logit difference
+    between passes divided by ``max(1, max |logit|)`` — AutoAttack's absolute 1e-4 for ordinary
+    logits, but float round-off of logits ×10⁴ (non-deterministic GPU kernels) does not trip it.
+    Batches are identical in every pass. FAIL above ``threshold``.
+    """
+    if passes < 2:
+        raise UsageError(f"randomised-forward check needs >= 2 passes, got {passes}")
+    dev = torch.device(device)
+    with _model_on(model, dev):
+        outs = torch.stack([_logits(model, x, dev, batch_size) for _ in range(passes)])
+    spread = (outs.amax(dim=0) - outs.amin(dim=0)).flatten(1).amax(dim=1)  # per point
+    scale = max(1.0, float(outs.abs().max())) if outs.numel() else 1.0
+    value = float(spread.max()) / scale if len(spread) else float("nan")
+    differ = spread / scale > threshold
+    flips = (outs.argmax(dim=2) != outs[0].argmax(dim=1)[None]).any(dim=0)
+    status = _status(value, threshold, warn=False)
+    message = (f"{passes} passes on the same input: logits differ by up to {value:.3g} "
+               f"(relative), on {_pct(float(differ.double().mean()))} of the points, "
+               f"prediction flips on {_pct(float(flips.double().mean()))}")
+    message += (": randomised model, gradients are noisy; attack it with EOT" if status == "FAIL"
+                else ": deterministic")
+    return Finding("randomised_forward", status, value, threshold, message,
+                   {"points_differing": int(differ.sum()), "prediction_flips": int(flips.sum()),
+                    "passes": passes, "logit_scale": scale, "max_abs_difference": float(spread.max())
+                    if len(spread) else float("nan")})
+
+
+def check_probability_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    atol: float = PROBABILITY_ATOL,
+    threshold: float = PROBABILITY_FAIL,
+) -> Finding:
+    """The model must return logits, not probabilities (AutoAttack's check).
+
+    A row "looks like probabilities" when it is non-negative and sums to 1 within ``atol``.
+    Cross-entropy of softmax(probabilities) is nearly flat, so PGD and FGSM get weak gradients,
+    and the margins of Fig. 7 lose their meaning. ``value``: share of rows that look like
+    probabilities. FAIL above ``threshold`` (a logit model essentially never gives such rows).
+    """
+    dev = torch.device(device)
+    with _model_on(model, dev):
+        out = _logits(model, x, dev, batch_size).double()
+    probs = (out >= 0).all(dim=1) & ((out.sum(dim=1) - 1).abs() <= atol)
+    value = float(probs.double().mean()) if len(out) else float("nan")
+    status = _status(value, threshold, warn=bool(probs.any()))
+    message = f"{_pct(value)} of the output rows are non-negative and sum to 1"
+    message += (": the model returns probabilities; remove the softmax, attacks need logits"
+                if status == "FAIL" else ": outputs are logits")
+    return Finding("probability_outputs", status, value, threshold, message,
+                   {"probability_rows": int(probs.sum()), "points": len(out), "atol": atol})
+
+
+def still_improving(loss: torch.Tensor, *, window: int = CONVERGENCE_WINDOW,
+                    delta: float = CONVERGENCE_DELTA) -> torch.Tensor:
+    """Per point: is the attack's best loss still improving at the end of the trajectory?
+
+    Pintor et al. 2022 ("incomplete optimisation"): the loss of each point is rescaled to [0, 1]
+    over its trajectory (``(ℓ − min ℓ) / (max ℓ − min ℓ)``, 0 if flat); the point is still
+    improving when the best rescaled loss so far rose by more than ``delta`` over the last
+    ``window`` steps. The running best ignores the up-and-down of a fixed-step sign attack.
+    ``loss``: ``(N, T + 1)``, as :attr:`PGDTrajectory.loss`.
+    """
+    if loss.shape[1] <= window:
+        raise UsageError(f"a trajectory of {loss.shape[1] - 1} steps is too short for a {window}-step window")
+    lo = loss.amin(dim=1, keepdim=True)
+    rng = loss.amax(dim=1, keepdim=True) - lo
+    norm = torch.where(rng > 0, (loss - lo) / rng.clamp_min(1e-30), torch.zeros_like(loss))
+    best = torch.cummax(norm, dim=1).values
+    return (best[:, -1] - best[:, -1 - window]) > delta
+
+
+def check_pgd_convergence(
+    *,
+    pgd40_fooled: torch.Tensor,
+    pgd100_fooled: torch.Tensor,
+    improving: torch.Tensor,
+    attacked: torch.Tensor,
+    threshold: float = CONVERGENCE_FAIL,
+) -> Finding:
+    """More PGD iterations must not change the result: PGD(100) ≈ PGD(40), and converged.
+
+    Per attacked point, "not converged" means either PGD(40) failed and PGD(100) fooled it
+    (the result still moved with 60 more steps), or PGD(100) failed and its loss was still
+    improving at the end (``improving``, from :func:`still_improving` on a PGD(100) trajectory
+    of the points PGD(100) did not fool; Pintor et al. 2022). ``value``: share of attacked
+    points not converged. FAIL above ``threshold``; WARN on any.
+    """
+    att = attacked.bool()
+    late = att & ~pgd40_fooled & pgd100_fooled
+    moving = att & ~pgd100_fooled & improving.bool()
+    value = _frac(late | moving, att)
+    acc40, acc100 = _frac(~pgd40_fooled, att), _frac(~pgd100_fooled, att)
+    status = _status(value, threshold, warn=bool((late | moving).any()))
+    message = (f"robust PGD(40) {_pct(acc40)} → PGD(100) {_pct(acc100)}; {int(late.sum())} points "
+               f"fooled only after step 40, {int(moving.sum())} survivors with loss still rising")
+    message += (": the attack has not converged, more iterations change the result"
+                if status == "FAIL" else ": PGD has converged")
+    return Finding("pgd_convergence", status, value, threshold, message,
+                   {"fooled_after_40": int(late.sum()), "still_improving": int(moving.sum()),
+                    "pgd40_robust_accuracy": acc40, "pgd100_robust_accuracy": acc100,
+                    "attacked": int(att.sum()), "window": CONVERGENCE_WINDOW,
+                    "delta": CONVERGENCE_DELTA})
+
+
+def random_noise_fooled(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    device: torch.device | str,
+    draws: int = NOISE_DRAWS,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Per point: is any of ``draws`` uniform draws ``clip(x + U(-ε, ε), 0, 1)`` misclassified?
+
+    Draws come from a CPU generator seeded with ``seed`` (same noise on any device); points are
+    processed ``max(1, 4·batch_size // draws)`` at a time, all their draws in one model call.
+    """
+    if draws < 1:
+        raise UsageError(f"noise draws must be >= 1, got {draws}")
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(x)
+    fooled = torch.zeros(n, dtype=torch.bool)
+    per = max(1, (4 * batch_size) // draws)
+    with _model_on(model, dev), torch.no_grad():
+        for s in range(0, n, per):
+            xb = x[s:s + per].detach().cpu()
+            noise = (torch.rand((len(xb), draws, *xb.shape[1:]), generator=gen) * 2 - 1) * eps
+            xn = torch.clamp(xb[:, None] + noise, 0, 1).flatten(0, 1)
+            pred = torch.cat([model(xn[i:i + 4 * batch_size].to(dev)).argmax(dim=1).cpu()
+                              for i in range(0, len(xn), 4 * batch_size)])
+            fooled[s:s + len(xb)] = (pred.view(len(xb), draws) != y[s:s + per, None].cpu()).any(dim=1)
+    return fooled
+
+
+# --------------------------------------------------------------------------------------------
+# The whole check.
+# --------------------------------------------------------------------------------------------
+def _reusable(suite: SuiteResult | None, x: torch.Tensor, y: torch.Tensor, eps: float) -> list[str]:
+    """Attacks of ``suite`` that can be reused for these points, or [] (with the reason logged)."""
+    if suite is None:
+        return []
+    if suite.cascade:
+        log.warning("masking check: the given suite is a cascade (per-attack results cover only the "
+                    "points earlier attacks left): running its own attacks")
+        return []
+    if suite.n != len(x) or not torch.equal(suite.labels.cpu(), y.cpu().long()):
+        log.warning("masking check: the given suite was run on other points: running its own attacks")
+        return []
+    if abs(suite.eps - eps) > 1e-12:
+        log.warning("masking check: the given suite used ε = %g, not %g: running its own attacks",
+                    suite.eps, eps)
+        return []
+    return [a for a in NEEDED_ATTACKS if a in suite.attacks]
+
+
+def run_masking_check(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    device: torch.device | str,
+    n: int | None = None,
+    seed: int = 0,
+    pgd_alpha: float = 2 / 255,
+    spsa_iterations: int = 100,
+    batch_size: int = 256,
+    suite: SuiteResult | None = None,
+    progress: bool = True,
+    tolerance: float = SPSA_TOLERANCE,
+) -> MaskingReport:
+    """Run every gradient-masking check on ``(x, y)`` and return the report with its verdict.
+
+    Args:
+        model: classifier mapping [0, 1] images to logits. Moved to ``device``, run in eval
+            mode; its (and every submodule's) train/eval mode is restored afterwards, also on
+            error.
+        x: images ``(N, C, H, W)`` in [0, 1]; y: integer labels ``(N,)``.
+        eps: ℓ∞ radius in [0, 1] pixel units.
+        device: where the model runs (``"cpu"``, ``"cuda:0"``...). Required, never guessed.
+        n: check only a seeded subset of ``n`` points (:func:`cure_eval.data.select_points`).
+            Default: all.
+        seed: seed of the attacks' random starts, SPSA's streams and the noise. Default 0.
+        pgd_alpha: PGD step size (FGSM, PGD(40/100), the trajectory). Default 2/255.
+        spsa_iterations: SPSA Adam steps (128 samples each, early stop). Default 100, the CURE
+            paper's setting; fewer make SPSA weaker, which can only hide masking.
+        batch_size: points per attack call. Default 256.
+        suite: a non-cascade :class:`~cure_eval.attacks.SuiteResult` on the same points and ε:
+            its ``fgsm``, ``pgd40``, ``pgd100`` and ``spsa`` results are reused and only the
+            missing ones are run (SPSA with the suite's point indices).
+        progress: tqdm bars. Default True.
+        tolerance: SPSA is "stronger" on a point when its adversarial loss is below PGD(100)'s
+            by more than ``tolerance`` × the point's clean margin. Default
+            :data:`SPSA_TOLERANCE`.
+
+    What runs beyond the suite attacks (all on the clean-correct points): an ε sweep
+    (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via :func:`~cure_eval.attacks.eps_sweep`), PGD(100)
+    at ε = 1 from the clean input (early stop), 100 noise draws per point, a PGD(100) trajectory
+    of the points PGD(100) did not fool, input gradients and 5 + 1 forward passes.
+    """
+    start = time.perf_counter()
+    dev = torch.device(device)
+    if not torch.is_floating_point(x) or x.ndim < 2 or len(x) == 0:
+        raise UsageError(f"x must be a non-empty float batch (N, ...), got {x.dtype} {tuple(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UsageError(f"y must be labels of shape ({len(x)},), got {tuple(y.shape)}")
+    if not 0.0 < eps <= 1.0:
+        raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
+    if spsa_iterations < 1:
+        raise UsageError(f"the masking check needs SPSA: spsa_iterations must be >= 1, got {spsa_iterations}")
+    if tolerance < 0:
+        raise UsageError(f"tolerance must be >= 0, got {tolerance}")
+    x = x.detach().cpu()
+    y = y.detach().cpu().long()
+    reuse = _reusable(suite, x, y, eps)
+    points = select_points(len(x), n, seed)
+    x, y = x[points], y[points]
+    indices = (suite.indices[points] if suite is not None and reuse else points)
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        missing = [a for a in NEEDED_ATTACKS if a not in reuse]
+        results: dict[str, AttackResult] = {}
+        if reuse:
+            assert suite is not None
+            log.info("masking check: reusing %s from the given suite", ", ".join(reuse))
+            results.update({a: _subset(suite.attacks[a], points) for a in reuse})
+            clean_margin = suite.clean_margin[points]
+        if missing:
+            log.info("masking check: running %s on %d points", ", ".join(missing), len(x))
+            own = run_suite(model, x, y, eps=eps, device=dev, attacks=missing, batch_size=batch_size,
+                            seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
+                            indices=indices, progress=progress)
+            results.update(own.attacks)
+            if not reuse:
+                clean_margin = own.clean_margin
+        # Points every attack attacked (= clean-correct; a randomised model may disagree with itself).
+        attacked = torch.ones(len(x), dtype=torch.bool)
+        for a in NEEDED_ATTACKS:
+            attacked &= results[a].attacked
+        pgd100, pgd40, fgsm, spsa = (results[a] for a in ("pgd100", "pgd40", "fgsm", "spsa"))
+        pgd_fooled = pgd100.success
+        nan = torch.full((len(x),), math.nan)
+        pgd_margin = torch.where(attacked, pgd100.margin.float(), nan)
+        spsa_margin = torch.where(attacked, spsa.margin.float(), nan)
+        findings: list[Finding] = []
+        findings.append(check_spsa_vs_pgd(pgd_margin=pgd100.margin.float(), spsa_margin=spsa.margin.float(),
+                                          clean_margin=clean_margin.float(), attacked=attacked,
+                                          tolerance=tolerance))
+        findings.append(check_fgsm_vs_pgd(fgsm_fooled=fgsm.success, pgd_fooled=pgd_fooled,
+                                          attacked=attacked))
+
+        # ε sweep: PGD(20) with a step that can cross each radius.
+        eps_list = sorted({min(1.0, f * eps) for f in EPS_SWEEP_FACTORS})
+        accs: list[float] = []
+        for e in eps_list:
+            sw = eps_sweep(model, x, y, [e], device=dev, steps=EPS_SWEEP_STEPS,
+                           alpha=max(pgd_alpha, 2.5 * e / EPS_SWEEP_STEPS), batch_size=batch_size,
+                           seed=seed, progress=progress)
+            accs.append(sw.robust_accuracy[0])
+        findings.append(check_eps_monotone(eps=eps_list, robust_accuracy=accs))
+
+        idx = attacked.nonzero().flatten()
+        xa, ya = x[idx], y[idx]
+        unb = pgd_trajectory(model, xa, ya, eps=1.0, alpha=max(pgd_alpha, 2.5 / UNBOUNDED_STEPS),
+                             steps=UNBOUNDED_STEPS, device=dev, seed=seed, random_start=False,
+                             early_stop=True, batch_size=batch_size, progress=progress)
+        unb_robust = torch.zeros(len(x), dtype=torch.bool)
+        unb_robust[idx] = ~unb.fooled.any(dim=1)
+        findings.append(check_unbounded(robust=unb_robust, attacked=attacked))
+
+        noise = torch.zeros(len(x), dtype=torch.bool)
+        noise[idx] = random_noise_fooled(model, xa, ya, eps=eps, device=dev, seed=seed,
+                                         batch_size=batch_size)
+        findings.append(check_random_noise(noise_fooled=noise, pgd_fooled=pgd_fooled, attacked=attacked))
+
+        findings.append(check_gradients(model, xa, ya, device=dev, eps=eps, seed=seed,
+                                        batch_size=batch_size))
+        findings.append(check_randomised_forward(model, x, device=dev, batch_size=batch_size))
+        findings.append(check_probability_outputs(model, x, device=dev, batch_size=batch_size))
+
+        # Convergence: a fresh PGD(100) trajectory of the points PGD(100) did not fool.
+        surv = (attacked & ~pgd_fooled).nonzero().flatten()
+        improving = torch.zeros(len(x), dtype=torch.bool)
+        restart_fooled = 0
+        if len(surv):
+            tr = pgd_trajectory(model, x[surv], y[surv], eps=eps, alpha=pgd_alpha, steps=100,
+                                device=dev, seed=seed + 1, batch_size=batch_size, progress=progress)
+            survived = ~tr.fooled.any(dim=1)
+            improving[surv] = still_improving(tr.loss) & survived
+            restart_fooled = int((~survived).sum())
+        conv = check_pgd_convergence(pgd40_fooled=pgd40.success, pgd100_fooled=pgd_fooled,
+                                     improving=improving, attacked=attacked)
+        conv.details["restart_fooled"] = restart_fooled
+        conv.details["restart_points"] = len(surv)
+        findings.append(conv)
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+    verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
+    settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
+                "batch_size": batch_size, "reused_from_suite": reuse, "ran": missing,
+                "eps_sweep": eps_list, "noise_draws": NOISE_DRAWS,
+                "unbounded_steps": UNBOUNDED_STEPS, "indices": indices.tolist()}
+    report = MaskingReport(
+        verdict=verdict, findings=findings, eps=float(eps), n=len(x),
+        clean_accuracy=float(attacked.double().mean()), clean_correct=attacked,
+        clean_margin=clean_margin.float(), pgd_margin=pgd_margin, spsa_margin=spsa_margin,
+        tolerance=tolerance, settings=settings, seconds=time.perf_counter() - start,
+    )
+    log.info("masking check: %s (%s) in %.1fs", verdict,
+             ", ".join(f"{f.name}={f.status}" for f in findings), report.seconds)
+    return report
+
+
+def _subset(res: AttackResult, points: torch.Tensor) -> AttackResult:
+    """An :class:`~cure_eval.attacks.AttackResult` restricted to ``points``."""
+    from dataclasses import replace
+
+    extra = {k: v[points] for k, v in res.extra.items()}
+    return replace(res, x_adv=res.x_adv[points], adv_pred=res.adv_pred[points],
+                   success=res.success[points], robust=res.robust[points], margin=res.margin[points],
+                   linf=res.linf[points], l2=res.l2[points], attacked=res.attacked[points], extra=extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Models that mask gradients on purpose: to test that a masking detector detects.
+# --------------------------------------------------------------------------------------------
+class QuantizedInput(nn.Module):
+    """Shattered gradients: the input is rounded to ``levels`` grey levels before ``model``.
+
+    ``torch.round`` has a zero derivative everywhere, so the input gradient is exactly zero (no
+    straight-through estimator). Thermometer-encoding-style defences (Buckman et al. 2018)
+    broken by Athalye et al. 2018 work the same way.
+    """
+
+    def __init__(self, model: nn.Module, *, levels: int = 8) -> None:
+        super().__init__()
+        if levels < 2:
+            raise UsageError(f"levels must be >= 2, got {levels}")
+        self.model = model
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.levels - 1
+        out: torch.Tensor = self.model(torch.round(x * k) / k)
+        return out
+
+
+class SaturatedLogits(nn.Module):
+    """Vanishing gradients: logits multiplied by ``scale`` (default 10⁴).
+
+    Predictions and margins' signs are unchanged, but the softmax saturates: wherever the
+    margin exceeds ~104 / ``scale`` logits, every term of the cross-entropy gradient is below
+    float32's smallest number and is exactly 0 (``p_y`` rounds to 1, ``p_j = exp(−scale·m)``
+    underflows). Defensive distillation at high temperature fails the same way (Carlini and
+    Wagner 2016).
+    """
+
+    def __init__(self, model: nn.Module, *, scale: float = 1e4) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x) * self.scale
+        return out
+
+
+class NoisyInput(nn.Module):
+    """Stochastic gradients: Gaussian noise (std ``sigma``) added to the input at every call,
+    also in eval mode, as randomised defences do (e.g. random self-ensemble, Liu et al. 2018)."""
+
+    def __init__(self, model: nn.Module, *, sigma: float = 0.1) -> None:
+        super().__init__()
+        self.model = model
+        self.sigma = sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(x + self.sigma * torch.randn_like(x))
+        return out
+
+
+__all__ = [
+    "Finding",
+    "MaskingReport",
+    "NEEDED_ATTACKS",
+    "NoisyInput",
+    "PGDTrajectory",
+    "QuantizedInput",
+    "SaturatedLogits",
+    "check_eps_monotone",
+    "check_fgsm_vs_pgd",
+    "check_gradients",
+    "check_pgd_convergence",
+    "check_probability_outputs",
+    "check_random_noise",
+    "check_randomised_forward",
+    "check_spsa_vs_pgd",
+    "check_unbounded",
+    "pgd_trajectory",
+    "random_noise_fooled",
+    "run_masking_check",
+    "still_improving",
+]
