@@ -16,10 +16,12 @@ What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,29 @@ from .io import write_json_atomic, write_text_atomic
 from .models import create_model, load_factory, model_config_for
 
 log = logging.getLogger("cure_eval.audit")
+
+@dataclass
+class AuditOptions:
+    """What to run in an audit (the CLI's flags; ε and PGD step in 1/255 units, None = dataset default)."""
+
+    eps_255: float | None = None
+    alpha_255: float | None = None
+    n: int | None = None
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    spsa_iterations: int = 100
+    cascade: bool = False
+    eps_sweep: list[float] = field(default_factory=list)
+    masking_check: bool = False
+    masking_n: int | None = None
+    geometry: bool = False
+    geometry_n: int = 20
+    h: float | None = None
+    top_k: int = 10
+    batch_size: int = 256
+    seed: int = 0
+    data_dir: str = "data"
+    download: bool = False
+
 
 ATTACK_LABELS = {
     "clean": "clean", "fgsm": "FGSM", "pgd7": "PGD(7)", "pgd20": "PGD(20)", "pgd40": "PGD(40)",
@@ -197,6 +222,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if len(specs) > 1:
         raise UsageError(f"the checkpoints come from different datasets ({', '.join(sorted(specs))}): pass --dataset")
     labels = _labels([desc for _, _, desc in loaded])
+    opts = AuditOptions(
+        eps_255=args.eps, alpha_255=args.alpha, n=args.n, attacks=attacks, spsa_iterations=args.spsa_iterations,
+        cascade=args.cascade, eps_sweep=sweep, masking_check=args.masking_check, masking_n=args.masking_n,
+        geometry=args.geometry, geometry_n=args.geometry_n, h=args.h, top_k=args.top_k,
+        batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, download=args.download,
+    )
     first = labels[0]
     out = Path(args.out or f"runs/audit_{first if len(loaded) == 1 else 'compare'}")
     exit_code = 0
@@ -204,8 +235,7 @@ def _main(argv: Sequence[str] | None) -> int:
     combined: dict[str, dict[str, Any]] = {}
     for (model, spec, desc), label in zip(loaded, labels, strict=True):
         sub = out if len(loaded) == 1 else out / label
-        summary = audit_model(model, spec, desc, args, sub, sweep=sweep, attacks=attacks, device=device,
-                              progress=progress, label=label)
+        summary = audit_model(model, spec, desc, opts, sub, device=device, progress=progress, label=label)
         combined[label] = summary
         if "geometry" in summary:
             profiles[label] = summary["geometry"]
@@ -219,17 +249,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def audit_model(
-    model: nn.Module, spec: DatasetSpec, desc: dict[str, Any], args: Any, out: Path, *, sweep: list[float],
-    attacks: list[str], device: torch.device, progress: bool, label: str,
+    model: nn.Module, spec: DatasetSpec, desc: dict[str, Any], opts: AuditOptions, out: Path, *,
+    device: torch.device, progress: bool = True, label: str = "model",
 ) -> dict[str, Any]:
-    """Audit one model with the parsed CLI ``args``; write its files into ``out``; return the summary."""
-    eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
+    """Audit one model; write its files into ``out`` (``results.json`` last); return the summary."""
+    sweep, attacks = opts.eps_sweep, opts.attacks
+    eps = eps_from_255(spec.default_eps if opts.eps_255 is None else opts.eps_255)
     if eps == 0:
         raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")
-    alpha = eps_from_255(spec.pgd_alpha if args.alpha is None else args.alpha, "--alpha")
-    test = load_dataset(spec.name, "test", data_dir=args.data_dir, download=args.download)
-    n = args.n if args.n is not None else (None if spec.name == "digits" else 1000)
-    idx = select_points(len(test), n, args.seed)
+    alpha = eps_from_255(spec.pgd_alpha if opts.alpha_255 is None else opts.alpha_255, "--alpha")
+    test = load_dataset(spec.name, "test", data_dir=opts.data_dir, download=opts.download)
+    n = opts.n if opts.n is not None else (None if spec.name == "digits" else 1000)
+    idx = select_points(len(test), n, opts.seed)
     x, y = test.tensors[0][idx], test.tensors[1][idx]
     check_images(x, spec)
     check_model_outputs(model, x, spec, device)
@@ -237,45 +268,42 @@ def audit_model(
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("results.json", "results.md", "per_sample.csv"):
         (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
-    config = {"cure_eval_version": __version__, "model": desc, "dataset": spec.name, "n": len(x),
-              "seed": args.seed, "eps": eps, "eps_255": eps * 255, "pgd_alpha": alpha, "attacks": attacks,
-              "cascade": args.cascade, "spsa_iterations": args.spsa_iterations, "batch_size": args.batch_size,
-              "eps_sweep": sweep, "masking_check": args.masking_check, "masking_n": args.masking_n,
-              "geometry": args.geometry, "geometry_n": args.geometry_n, "device": str(device),
+    config = {"cure_eval_version": __version__, "model": desc, "dataset": spec.name, "n_points": len(x),
+              "eps": eps, "pgd_alpha": alpha, **dataclasses.asdict(opts), "device": str(device),
               "python": platform.python_version()}
     write_json_atomic(out / "config.json", config)
     log.info("auditing %s on %d %s test points, ε = %g/255, PGD step %g/255, device %s",
              label, len(x), spec.name, eps * 255, alpha * 255, device)
 
-    suite = run_suite(model, x, y, eps=eps, device=device, attacks=attacks, batch_size=args.batch_size,
-                      seed=args.seed, cascade=args.cascade, pgd_alpha=alpha, spsa_iterations=args.spsa_iterations,
+    suite = run_suite(model, x, y, eps=eps, device=device, attacks=attacks, batch_size=opts.batch_size,
+                      seed=opts.seed, cascade=opts.cascade, pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
                       indices=idx, progress=progress)
     summary: dict[str, Any] = {**suite.summary(), "dataset": spec.name, "model": desc, "pgd_alpha": alpha}
     summary["versions"]["cure_eval"] = __version__
 
     if sweep:
         summary["eps_sweep"] = _run_sweep(model, x, y, sweep, out, device=device, alpha=alpha,
-                                          batch_size=args.batch_size, seed=args.seed, progress=progress)
+                                          batch_size=opts.batch_size, seed=opts.seed, progress=progress)
 
-    if args.masking_check:
+    if opts.masking_check:
         from .masking import run_masking_check
 
-        m_n = min(args.masking_n or len(x), len(x))
-        report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=args.seed,
-                                   pgd_alpha=alpha, spsa_iterations=args.spsa_iterations,
-                                   batch_size=args.batch_size, suite=suite if m_n == len(x) else None,
+        m_n = min(opts.masking_n or len(x), len(x))
+        report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=opts.seed,
+                                   pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
+                                   batch_size=opts.batch_size, suite=suite if m_n == len(x) else None,
                                    progress=progress)
         report.plot_scatter(out / "masking_scatter.png")
         summary["masking"] = report.to_dict()
         log.info("\n%s\n", report.format_table())
 
-    if args.geometry:
+    if opts.geometry:
         from .geometry import format_table as geometry_table
         from .geometry import measure_geometry
 
-        geo = measure_geometry(model, x, y, device=device, h=args.h or spec.default_h, k=args.top_k,
-                               n_points=min(args.geometry_n, len(x)), out_dir=out, eps=eps,
-                               class_names=list(spec.class_names) or None, label=label, seed=args.seed,
+        geo = measure_geometry(model, x, y, device=device, h=opts.h or spec.default_h, k=opts.top_k,
+                               n_points=min(opts.geometry_n, len(x)), out_dir=out, eps=eps,
+                               class_names=list(spec.class_names) or None, label=label, seed=opts.seed,
                                progress=progress)
         summary["geometry"] = {k: geo[k] for k in ("top_eigenvalues", "bottom_eigenvalues", "sorted_profile", "hz_norm",
                                                    "frobenius", "alignment", "wci", "hvps", "seconds_per_point")

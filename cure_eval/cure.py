@@ -90,7 +90,7 @@ def cure_terms(
     *,
     h: float,
     squared: bool = True,
-    bn_mode: BNMode = "train",
+    bn_mode: BNMode = "eval",
     create_graph: bool = True,
 ) -> CureTerms:
     """Cross-entropy and CURE regulariser on a batch, ready for ``(loss + γ reg).backward()``.
@@ -101,10 +101,10 @@ def cure_terms(
         h: ℓ2 length of the finite-difference step in [0, 1] pixel space.
         squared: penalise ``||Δg||²`` (paper, default) or ``||Δg||`` (reference code).
         bn_mode: BatchNorm in the regulariser passes.
+            ``"eval"`` (default): running statistics in the regulariser passes, batch statistics
+            for the loss, as the reference code does: a separate forward at ``x``, three forwards.
             ``"train"``: batch statistics everywhere; the loss forward is shared with ``∇ℓ(x)``:
             two forwards per step; the ``x + hz`` pass does not update the running statistics.
-            ``"eval"``: running statistics in the regulariser passes, batch statistics for the
-            loss, as the reference code does: a separate forward at ``x``, three forwards.
             ``"frozen"``: running statistics everywhere and never updated (BatchNorm is a fixed
             affine map, as is common when fine-tuning): two forwards, and the cheapest double
             backward because BatchNorm's second derivative vanishes.
@@ -121,7 +121,7 @@ def cure_terms(
             with frozen_bn_stats(model):
                 grad_h, _, _ = input_gradient(model, x.detach() + h * z, y, create_graph=create_graph)
     else:
-        logits = model(x)
+        logits = model(x.detach())  # the loss needs no input gradient
         loss_vec = F.cross_entropy(logits, y, reduction="none")
         with bn_eval(model):
             grad, _, _ = input_gradient(model, x.detach(), y, create_graph=create_graph)

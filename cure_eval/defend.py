@@ -38,7 +38,7 @@ from .evaluation import evaluate
 from .io import write_json_atomic, write_text_atomic
 from .methods import Method, TrainContext, get_method, list_methods, parse_method_args
 from .models import ModelConfig, count_parameters, create_model, model_config_for
-from .training import CHECKPOINT_NAME, METRICS_NAME, is_complete, train
+from .training import CHECKPOINT_NAME, METRICS_NAME, TrainResult, is_complete, train
 
 log = logging.getLogger("cure_eval.defend")
 
@@ -187,7 +187,7 @@ def _main(argv: Sequence[str] | None) -> int:
             mcfg = info.model
         base_name = "init"
     elif with_standard or method_cls.name == "standard":
-        base_model, secs = _standard_model(
+        base_model, secs = standard_model(
             standard_cls, std_cfg, spec, mcfg, eps, device, x_train, y_train, out / "standard",
             cache_dir=None if args.no_cache else Path(args.cache_dir), seed=args.seed,
             resume=args.resume, probe=probe, progress=progress,
@@ -205,19 +205,11 @@ def _main(argv: Sequence[str] | None) -> int:
         model = base_model
         results["standard"] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
     else:
-        if method_cls.fine_tunes and base_model is not None:
-            model = base_model
-        else:
-            torch.manual_seed(args.seed + 1)
-            model = create_model(mcfg).to(device)
-            if base_model is not None and args.init:
-                unwrap(model).load_state_dict(unwrap(base_model).state_dict())
-        model = _fresh_copy(model, mcfg, device)
-        method = method_cls(method_cfg, _ctx(spec, eps, mcfg, device, method_cfg, len(x_train)))
+        start_from = base_model if (method_cls.fine_tunes or args.init) else None
         t0 = time.perf_counter()
-        res = train(model, method, x_train, y_train, model_config=mcfg, out_dir=out / method_cls.name,
-                    seed=args.seed, resume=args.resume, probe=probe, progress=progress,
-                    checkpoint_extra={"eps": eps})
+        model, res = train_method(method_cls, method_cfg, spec=spec, mcfg=mcfg, eps=eps, device=device,
+                                  x=x_train, y=y_train, out_dir=out / method_cls.name, seed=args.seed,
+                                  resume=args.resume, probe=probe, progress=progress, start_from=start_from)
         timings[method_cls.name] = res.seconds_per_epoch
         log.info("%s: %d epochs in %.1f s", method_cls.name, method_cfg.epochs, time.perf_counter() - t0)
         results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
@@ -238,7 +230,25 @@ def _main(argv: Sequence[str] | None) -> int:
     return 0
 
 
-def _standard_model(
+def train_method(
+    cls: type[Method], cfg: Any, *, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
+    x: torch.Tensor, y: torch.Tensor, out_dir: Path, seed: int, resume: bool = False,
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
+    start_from: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Train method ``cls`` into ``out_dir``, from a copy of ``start_from`` or from scratch."""
+    if start_from is not None:
+        model = _fresh_copy(start_from, mcfg, device)
+    else:
+        torch.manual_seed(seed + 1)
+        model = create_model(mcfg).to(device)
+    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
+    res = train(model, method, x, y, model_config=mcfg, out_dir=out_dir, seed=seed, resume=resume,
+                probe=probe, progress=progress, checkpoint_extra={"eps": eps})
+    return model, res
+
+
+def standard_model(
     cls: type[Method], cfg: Any, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
     x: torch.Tensor, y: torch.Tensor, out: Path, *, cache_dir: Path | None, seed: int, resume: bool,
     probe: tuple[torch.Tensor, torch.Tensor], progress: bool,

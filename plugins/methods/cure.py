@@ -29,8 +29,10 @@ class CureConfig(MethodConfig):
             code's h = 3 in normalised units).
         h_ramp_epochs: epochs over which ``h`` grows linearly to its final value (paper: 5).
         squared: ``||Δg||²`` as in the paper (True) or ``||Δg||`` as in the reference code.
-        bn_mode: BatchNorm in the regulariser passes, ``train`` (batch statistics, 2 forwards per
-            step) or ``eval`` (running statistics as in the reference code, 3 forwards).
+        bn_mode: BatchNorm in the regulariser passes: ``eval`` (default; running statistics as in
+            the reference code, 3 forwards per step), ``train`` (batch statistics, 2 forwards; the
+            first author's later branch; about 15 % cheaper, measured worse on digits) or
+            ``frozen`` (running statistics everywhere; measured poor on digits).
         probe_points, probe_gaussian: size of the per-epoch curvature log (``hz_norm``,
             ``frobenius`` on the first ``probe_points`` probe images, final ``h``, central
             differences), so that "curvature falls while robustness rises" can be drawn from
@@ -41,7 +43,7 @@ class CureConfig(MethodConfig):
     h: float = 0.6
     h_ramp_epochs: int = 5
     squared: bool = True
-    bn_mode: str = "train"
+    bn_mode: str = "eval"
     #: per-epoch curvature log on the probe batch: points and Gaussian draws for ||H||_F (0: off)
     probe_points: int = 32
     probe_gaussian: int = 20
@@ -59,8 +61,12 @@ class CureMethod(Method):
         base: dict[str, Any] = {"h": spec.default_h, "gamma": 8.0 if wide else 4.0,
                                 "optimizer": "adam", "weight_decay": 0.0}
         if spec.name == "digits":
+            # Measured on WRN-16-4 (ε = 32/255): γ = 0.5 with running-statistics BatchNorm in the
+            # regulariser passes gave 98.6 → 98.3 % clean and 52 → 73 % PGD(20); batch-statistics
+            # BatchNorm gave 92 % / 67 %, γ = 8 collapsed to 66 % clean. Gradients w.r.t. [0, 1]
+            # inputs are 1/std ≈ 2.7× those w.r.t. normalised inputs, so γ is smaller than the paper's.
             base.update({"epochs": 10, "batch_size": 64, "lr": 1e-3, "lr_final": 1e-5,
-                         "lr_schedule": "exponential", "h_ramp_epochs": 3})
+                         "lr_schedule": "exponential", "h_ramp_epochs": 3, "gamma": 0.5})
         else:
             base.update(cls.presets()["paper"])
             base["gamma"] = 8.0 if wide else 4.0
