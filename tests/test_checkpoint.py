@@ -92,7 +92,7 @@ def test_crafted_pickle_is_refused_and_runs_no_code(tmp_path: Path) -> None:
     marker = tmp_path / "pwned.txt"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as fh:
-        pickle.dump({"weight": _Exploit(str(marker))}, fh)
+        pickle.dump({"weight": _Exploit(str(marker))}, fh, protocol=2)
     with pytest.raises(CureEvalError, match="refusing"):
         load_weights_file(evil)
     assert not marker.exists()

@@ -126,3 +126,19 @@ def test_bad_input_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert err[-1].startswith("error: ") and needle in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (out / "results.json").exists()
+
+
+def test_default_command_shows_the_cure_effect(tmp_path: Path) -> None:
+    """`python -m cure_eval.defend --model wide_resnet --method cure` with no other flags: CURE's
+    PGD(20) accuracy at ε = 32/255 is ≥ 20 points above the normal model's, clean ≤ 10 points lower."""
+    out = tmp_path / "run"
+    assert main(["--model", "wide_resnet", "--method", "cure", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"] == "wide_resnet16_4" and res["n_eval"] == 360
+    std, cure = res["standard"], res["cure"]
+    assert cure["pgd20_accuracy"] >= std["pgd20_accuracy"] + 0.20, res
+    assert cure["clean_accuracy"] >= std["clean_accuracy"] - 0.10, res
+    rows = read_jsonl(out / "cure" / "metrics.jsonl")
+    assert rows[-1]["hz_norm"] < rows[0]["hz_norm"]  # curvature falls while robustness rises
+    assert rows[-1]["probe_pgd20_acc"] > rows[0]["probe_pgd20_acc"]
