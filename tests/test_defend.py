@@ -142,3 +142,18 @@ def test_default_command_shows_the_cure_effect(tmp_path: Path) -> None:
     rows = read_jsonl(out / "cure" / "metrics.jsonl")
     assert rows[-1]["hz_norm"] < rows[0]["hz_norm"]  # curvature falls while robustness rises
     assert rows[-1]["probe_pgd20_acc"] > rows[0]["probe_pgd20_acc"]
+    # Issue 5's qualitative claim on the embedded data: CURE lowers the input-space curvature of
+    # the normal model it was fine-tuned from (top eigenvalue, ‖Hz‖, Frobenius estimate).
+    from cure_eval.data import select_points
+    from cure_eval.geometry import curvature_profile, curvature_summaries
+
+    test = load_dataset("digits", "test")
+    idx = select_points(len(test), 20, 0)
+    x, y = test.tensors[0][idx], test.tensors[1][idx]
+    geo = {}
+    for name in ("standard", "cure"):
+        model, _ = load_checkpoint(out / name / "model.safetensors")
+        prof = curvature_profile(model, x, y, h=0.5, k=5, device="cpu", progress=False)
+        summ = curvature_summaries(model, x, y, h=0.5, device="cpu")
+        geo[name] = (float(prof.top_eigenvalues[0]), float(summ["hz_norm"]), float(summ["frobenius"]))
+    assert all(c < s for c, s in zip(geo["cure"], geo["standard"], strict=True)), geo
