@@ -39,11 +39,13 @@ check                      warning sign (source)
 =========================  ==================================================================
 
 Statuses and the verdict. Each check compares one number (``value``) with one ``threshold``:
-``FAIL`` when the value is beyond the threshold, ``WARN`` when it shows some evidence that stays
-within what honest models produced in our measurements (see each check), ``PASS`` otherwise. The
-verdict is ``"suspect"`` if any check FAILs and ``"pass"`` otherwise: WARNs are reported, not
-counted, because every one of them was seen on normally trained or CURE-trained digits models
-that have no masking (``docs/masking.md`` lists the measured values behind every threshold).
+``FAIL`` when the value is beyond the threshold (and, for per-point shares, at least
+:data:`MIN_POINTS` points are involved), ``WARN`` when there is some evidence below that — single
+stray points, of the size honest models also show —, ``PASS`` otherwise. The verdict is
+``"suspect"`` if any check FAILs and ``"pass"`` otherwise. WARNs are reported but do not count:
+a CURE-trained digits model without any masking had SPSA fool 3 of its 176 points PGD(100)
+missed and FGSM fool 1 (both WARN); counting those would make every honest model suspect.
+``docs/masking.md`` lists the measured values behind every threshold.
 
 Fractions are per point and over the *attacked* points (those classified correctly clean), the
 same denominator for every check, so that a FAIL reads "this share of the points we attacked".
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -84,13 +87,19 @@ NEEDED_ATTACKS: tuple[str, ...] = ("fgsm", "pgd40", "pgd100", "spsa")
 # Thresholds. Measured on digits models (normal, CURE, and three models that mask on purpose);
 # the numbers behind each choice are in docs/masking.md and in each check's docstring.
 # --------------------------------------------------------------------------------------------
-#: SPSA counts as "stronger" on a point when its adversarial loss is below PGD(100)'s by more
-#: than this fraction of the point's clean margin (scale-free: logits ×1e4 change nothing).
-SPSA_TOLERANCE = 0.1
-#: FAIL when SPSA fools more than this fraction of the attacked points that PGD(100) did not.
-SPSA_BEATS_PGD_FAIL = 0.05
-#: FAIL when FGSM fools more than this fraction of the attacked points that PGD(100) did not.
-FGSM_BEATS_PGD_FAIL = 0.02
+#: A FAIL needs at least this many points beyond the threshold (one point of a small sample is
+#: a large fraction; every honest model we measured had single stray points).
+MIN_POINTS = 2
+#: SPSA counts as "stronger" on a point (a red point of Fig. 7) when its adversarial loss is
+#: below PGD(100)'s by more than this fraction of the point's clean margin (scale-free: logits
+#: ×1e4 change nothing). Honest digits models: 0-2.9 % of points beyond 0.2, 1.6-13.5 % beyond
+#: 0.1; masked models: 88-100 % beyond 0.2.
+SPSA_TOLERANCE = 0.2
+#: FAIL when more than this fraction of the attacked points are red (honest max 2.9 %).
+SPSA_STRONGER_FAIL = 0.1
+#: FAIL when FGSM fools more than this fraction of the attacked points that PGD(100) did not
+#: (honest max 1.4 %, i.e. one point of 70).
+FGSM_BEATS_PGD_FAIL = 0.05
 #: FAIL when PGD robust accuracy rises by more than this between two successive radii.
 EPS_RISE_FAIL = 0.02
 #: Multiples of ε of the sweep (capped at 1), PGD(20) with step max(pgd_alpha, 2.5·ε/20).
@@ -149,12 +158,12 @@ class Finding:
         return out
 
 
-def _status(value: float, threshold: float, *, warn: bool, above: bool = True) -> Status:
-    """FAIL beyond ``threshold`` (above it, or below it with ``above=False``), else WARN/PASS."""
+def _status(value: float, threshold: float, *, warn: bool, count: int | None = None) -> Status:
+    """FAIL when ``value > threshold`` (and, for per-point fractions, ``count >= MIN_POINTS``);
+    else WARN if ``warn`` (some evidence), else PASS. NaN (nothing to measure) is a WARN."""
     if math.isnan(value):
         return "WARN"
-    beyond = value > threshold if above else value < threshold
-    if beyond:
+    if value > threshold and (count is None or count >= MIN_POINTS):
         return "FAIL"
     return "WARN" if warn else "PASS"
 
@@ -283,11 +292,13 @@ class MaskingReport:
                    label=f"SPSA stronger ({int(red.sum())})")
         ax.set_xlabel("adversarial loss, PGD(100)  (true − best other logit)")
         ax.set_ylabel("adversarial loss, SPSA")
-        failed = ", ".join(f.name for f in self.failed)
-        ax.set_title(title or (f"gradient masking: {self.verdict.upper()}"
-                               + (f" ({failed})" if failed else "")
-                               + f"\nε = {self.eps * 255:.4g}/255, {int(mask.sum())} points"),
-                     fontsize=9)
+        if title is None:
+            lines = [f"gradient masking: {self.verdict.upper()}  (ε = {self.eps * 255:.4g}/255, "
+                     f"{int(mask.sum())} points)"]
+            if self.failed:
+                lines += textwrap.wrap("FAIL: " + ", ".join(f.name for f in self.failed), 60)
+            title = "\n".join(lines)
+        ax.set_title(title, fontsize=9)
         ax.legend(loc="upper left", fontsize=7, framealpha=0.9)
         ax.text(0.98, 0.02, "negative: misclassified", transform=ax.transAxes, ha="right",
                 va="bottom", fontsize=7, color="0.4")
@@ -398,7 +409,8 @@ def pgd_trajectory(
             rows = torch.arange(s, s + len(xb))
             for t in range(steps + 1):
                 a = adv[active].clone().requires_grad_(t < steps)
-                out = model(a)
+                with torch.set_grad_enabled(t < steps):
+                    out = model(a)
                 lvec = F.cross_entropy(out, yb[active], reduction="none")
                 fooled = out.argmax(dim=1) != yb[active]
                 idx = rows[active.cpu()]
@@ -431,52 +443,55 @@ def check_spsa_vs_pgd(
     clean_margin: torch.Tensor,
     attacked: torch.Tensor,
     tolerance: float = SPSA_TOLERANCE,
-    threshold: float = SPSA_BEATS_PGD_FAIL,
+    threshold: float = SPSA_STRONGER_FAIL,
 ) -> Finding:
     """The CURE paper's check (Fig. 7), per point: does gradient-free SPSA beat PGD(100)?
 
-    Measures, over the attacked (clean-correct) points:
+    Inputs are per point: the adversarial loss (true logit minus largest other logit) at the
+    points PGD(100) and SPSA returned, and at the clean input. Over the attacked points:
 
-    * ``value``: the share of points SPSA fools (adversarial loss < 0) while PGD(100) does not:
-      points on which robustness under PGD is an artefact of the gradients;
-    * ``spsa_stronger``: the share where SPSA's adversarial loss is below PGD(100)'s by more than
-      ``tolerance`` × the point's clean margin (the red points of Fig. 7; scale-free, so a
-      model whose logits are multiplied by 10⁴ is judged the same way);
+    * ``value``: the share of *red* points — SPSA's loss below PGD(100)'s by more than
+      ``tolerance`` × the point's clean margin (scale-free: a model whose logits are multiplied
+      by 10⁴ is judged as the original). On an honest model both attacks land on y = x;
+      where the gradients lie, PGD stays near its start and SPSA goes far below the line.
+    * ``spsa_beats_pgd``: the share SPSA fools (loss < 0) while PGD(100) does not;
     * the Spearman rank correlation of the two losses (``scipy.stats.spearmanr``), over all
       attacked points and over those PGD did not fool;
     * both robust accuracies over the attacked points.
 
-    FAIL when ``value > threshold``; WARN when SPSA beats PGD on any point or is stronger on
-    more than ``threshold`` of them. Only "SPSA fools, PGD does not" decides FAIL: SPSA stops
-    at the first misclassified iterate and returns the best one, whereas PGD maximises
-    cross-entropy and returns its last iterate, so on honest models SPSA's *loss* is often a
-    little lower than PGD's on points both fail on (CURE model: ~20-30 % red points within a
-    fraction of a logit, the "few points" of Fig. 7), which says nothing about masking.
+    FAIL when ``value > threshold`` (and at least :data:`MIN_POINTS` red points); WARN when SPSA
+    fools any point PGD did not (robust accuracy under PGD overstates by that much). Why the red share decides, measured
+    on digits at ε = 32/255 (200 points, SPSA 100 iterations): honest models (normal, four CURE
+    variants) have 0-2.9 % red points at tolerance 0.2, the masked ones 88-100 %; "SPSA fools,
+    PGD does not" separates less (honest up to 4.1 %, shattered as low as 6.5 % with 40 SPSA
+    iterations, because quantisation hampers SPSA's finite differences too); the Spearman
+    correlation does not separate at all (honest 0.87-0.96, masked 0.74-0.90), since SPSA
+    stops at the first misclassified iterate while PGD keeps pushing the loss down.
     """
     att = attacked.bool()
     pgd_fooled = pgd_margin < 0
     spsa_fooled = spsa_margin < 0
     beats = att & spsa_fooled & ~pgd_fooled
     stronger = att & (spsa_margin < pgd_margin - tolerance * clean_margin.abs())
-    value = _frac(beats, att)
-    stronger_frac = _frac(stronger, att)
+    value = _frac(stronger, att)
+    beats_frac = _frac(beats, att)
     rho_all = _spearman(pgd_margin[att], spsa_margin[att])
     both = att & ~pgd_fooled
     rho_robust = _spearman(pgd_margin[both], spsa_margin[both])
     pgd_acc = _frac(~pgd_fooled, att)
     spsa_acc = _frac(~spsa_fooled, att)
-    details = {"spsa_beats_pgd": int(beats.sum()), "spsa_stronger": int(stronger.sum()),
-               "spsa_stronger_fraction": stronger_frac, "attacked": int(att.sum()),
+    details = {"spsa_stronger": int(stronger.sum()), "spsa_beats_pgd": int(beats.sum()),
+               "spsa_beats_pgd_fraction": beats_frac, "attacked": int(att.sum()),
                "spearman": rho_all, "spearman_pgd_robust": rho_robust,
                "pgd100_robust_accuracy": pgd_acc, "spsa_robust_accuracy": spsa_acc,
                "tolerance": tolerance}
-    status = _status(value, threshold, warn=bool(beats.any()) or stronger_frac > threshold)
-    message = (f"SPSA fools {_pct(value)} of the attacked points PGD(100) does not "
-               f"(robust: PGD {_pct(pgd_acc)}, SPSA {_pct(spsa_acc)}; SPSA loss lower on "
-               f"{_pct(stronger_frac)}, Spearman {rho_all:.2f})")
-    message += (": gradient-free beats gradient attack, gradients are masked" if status == "FAIL"
-                else ": SPSA finds nothing PGD misses" if not beats.any()
-                else ": a few points, within what honest models show")
+    status = _status(value, threshold, warn=bool(beats.any()), count=int(stronger.sum()))
+    message = (f"SPSA loss clearly below PGD(100)'s on {_pct(value)} of the points, SPSA fools "
+               f"{_pct(beats_frac)} PGD does not (robust PGD {_pct(pgd_acc)}, SPSA {_pct(spsa_acc)}; "
+               f"Spearman {rho_all:.2f})")
+    message += {"FAIL": ": the gradient-free attack beats the gradient attack, gradients are masked",
+                "WARN": ": a few points where PGD overstates robustness, as on honest models",
+                "PASS": ": both attacks agree (CURE Fig. 7)"}[status]
     return Finding("spsa_vs_pgd", status, value, threshold, message, details)
 
 
@@ -518,11 +533,12 @@ def check_fgsm_vs_pgd(
     value = _frac(beats, att)
     fgsm_acc = _frac(~fgsm_fooled, att)
     pgd_acc = _frac(~pgd_fooled, att)
-    status = _status(value, threshold, warn=bool(beats.any()))
+    status = _status(value, threshold, warn=bool(beats.any()), count=int(beats.sum()))
     message = (f"FGSM fools {_pct(value)} of the attacked points PGD(100) does not "
                f"(robust: FGSM {_pct(fgsm_acc)}, PGD {_pct(pgd_acc)})")
-    message += (": single step beats 100 steps, PGD's gradients mislead it" if status == "FAIL"
-                else ": as expected, PGD is the stronger attack")
+    message += {"FAIL": ": single step beats 100 steps, PGD's gradients mislead it",
+                "WARN": ": a stray point, as on honest models",
+                "PASS": ": as expected, PGD is the stronger attack"}[status]
     return Finding("fgsm_vs_pgd", status, value, threshold, message,
                    {"fgsm_beats_pgd": int(beats.sum()), "attacked": int(att.sum()),
                     "fgsm_robust_accuracy": fgsm_acc, "pgd100_robust_accuracy": pgd_acc})
@@ -532,13 +548,15 @@ def check_eps_monotone(
     *,
     eps: Sequence[float],
     robust_accuracy: Sequence[float],
+    n: int | None = None,
     threshold: float = EPS_RISE_FAIL,
 ) -> Finding:
     """Robust accuracy must not rise as ε grows (a larger ball contains the smaller one).
 
     ``value``: the largest rise of robust accuracy between two successive radii (0 when the
     curve never rises). FAIL above ``threshold``, WARN on any rise (a different random start per
-    radius can cost a point or two on honest models). Feed it :func:`~cure_eval.attacks.eps_sweep`'s
+    radius can cost a point on honest models; with ``n``, the number of points, a FAIL also needs
+    a rise of :data:`MIN_POINTS` points or more). Feed it :func:`~cure_eval.attacks.eps_sweep`'s
     ``eps`` and ``robust_accuracy``.
     """
     if len(eps) != len(robust_accuracy) or not eps:
@@ -548,7 +566,8 @@ def check_eps_monotone(
     accs = [float(robust_accuracy[i]) for i in order]
     rises = [accs[i + 1] - accs[i] for i in range(len(accs) - 1)]
     value = max([0.0, *rises])
-    status = _status(value, threshold, warn=value > 0)
+    status = _status(value, threshold, warn=value > 0,
+                     count=None if n is None else round(value * n))
     curve = ", ".join(f"{e * 255:.3g}:{100 * a:.0f}" for e, a in zip(es, accs, strict=True))
     message = (f"PGD robust accuracy vs ε/255 [{curve}] %: largest rise {_pct(value)}")
     message += (": a larger ε helps the model, the attack is failing" if status == "FAIL"
@@ -568,16 +587,19 @@ def check_unbounded(
 
     ``robust``: per point, still correctly classified after PGD at ε = 1. ``value``: share of
     attacked points not fooled. The PGD here starts from the clean input (no random start):
-    a random start at ε = 1 is a random image, misclassified ~90 % of the time by any model,
-    which would hide an attack whose gradients do not work. FAIL above ``threshold``; WARN on
-    any surviving point.
+    a random start at ε = 1 is close to a random image, which the digits CNN already
+    misclassified 56 % of the time, so with it the shattered and vanishing models showed 44 %
+    survivors instead of 100 %: a random start does part of the work the gradients should do.
+    FAIL above ``threshold``; WARN on any surviving point.
     """
     att = attacked.bool()
     value = _frac(robust.bool(), att)
-    status = _status(value, threshold, warn=bool((robust.bool() & att).any()))
+    survivors = int((robust.bool() & att).sum())
+    status = _status(value, threshold, warn=survivors > 0, count=survivors)
     message = f"PGD({steps}) at ε = 1 from the clean input leaves {_pct(value)} of the attacked points correct"
-    message += (": an unbounded attack must reach 100 % success, its gradients do not work"
-                if status == "FAIL" else ": the attack can reach any image, as it must")
+    message += {"FAIL": ": an unbounded attack must reach 100 % success, its gradients do not work",
+                "WARN": ": a stray survivor; look at it",
+                "PASS": ": the attack can reach any image, as it must"}[status]
     return Finding("unbounded", status, value, threshold, message,
                    {"survivors": int((robust.bool() & att).sum()), "attacked": int(att.sum()),
                     "steps": steps})
@@ -601,11 +623,12 @@ def check_random_noise(
     beats = att & noise_fooled.bool() & ~pgd_fooled.bool()
     value = _frac(beats, att)
     noise_rate = _frac(noise_fooled.bool(), att)
-    status = _status(value, threshold, warn=bool(beats.any()))
+    status = _status(value, threshold, warn=bool(beats.any()), count=int(beats.sum()))
     message = (f"{draws} uniform noise draws fool {_pct(value)} of the attacked points PGD(100) does not "
                f"(noise fools {_pct(noise_rate)} overall)")
-    message += (": random search beats gradient search, gradients are masked" if status == "FAIL"
-                else ": noise finds nothing PGD misses" if not beats.any() else ": a few points")
+    message += {"FAIL": ": random search beats gradient search, gradients are masked",
+                "WARN": ": a stray point; PGD should find everything noise finds",
+                "PASS": ": noise finds nothing PGD misses"}[status]
     return Finding("random_noise", status, value, threshold, message,
                    {"noise_beats_pgd": int(beats.sum()), "noise_fooled_fraction": noise_rate,
                     "attacked": int(att.sum()), "draws": draws})
@@ -648,11 +671,15 @@ def check_gradients(
                 starts.append(torch.clamp(xb + torch.empty_like(xb).uniform_(-eps, eps), 0, 1))
             for xs in starts:
                 xs = xs.clone().requires_grad_(True)
-                try:
-                    loss = F.cross_entropy(model(xs), yb, reduction="sum")
-                    (g,) = torch.autograd.grad(loss, xs)
-                except RuntimeError as e:  # output not connected to the input
-                    broken = str(e).splitlines()[0]
+                out = model(xs)
+                if not out.requires_grad:  # output not connected to the input
+                    broken = "the model's output does not require grad (detach, no_grad or numpy inside)"
+                    zero[s:s + len(xb)] = True
+                    continue
+                loss = F.cross_entropy(out, yb, reduction="sum")
+                (g,) = torch.autograd.grad(loss, xs, allow_unused=True)
+                if g is None:  # the loss depends on parameters only, not on the input
+                    broken = "the output does not depend on the input in the autograd graph"
                     zero[s:s + len(xb)] = True
                     continue
                 g = g.detach().flatten(1).cpu()
@@ -660,11 +687,12 @@ def check_gradients(
                 nonfinite[s:s + len(xb)] |= ~torch.isfinite(g).all(dim=1)
     bad = zero | nonfinite
     value = float(bad.double().mean()) if n else float("nan")
-    status = _status(value, threshold, warn=bool(bad.any()))
+    status = _status(value, threshold, warn=bool(bad.any()), count=int(bad.sum()))
     what = "graph broken" if broken else f"{int(zero.sum())} zero, {int(nonfinite.sum())} NaN/inf"
     message = f"input gradient of the cross-entropy unavailable on {_pct(value)} of the points ({what})"
-    message += (": gradient attacks cannot move, robustness under them means nothing"
-                if status == "FAIL" else ": gradients are usable")
+    message += {"FAIL": ": gradient attacks cannot move, robustness under them means nothing",
+                "WARN": ": a few points (e.g. a softmax saturated beyond float32)",
+                "PASS": ": gradients are usable"}[status]
     return Finding("gradients", status, value, threshold, message,
                    {"zero": int(zero.sum()), "nonfinite": int(nonfinite.sum()), "points": n,
                     "graph_broken": broken or None, "random_point_too": eps is not None})
@@ -732,8 +760,9 @@ def check_probability_outputs(
     value = float(probs.double().mean()) if len(out) else float("nan")
     status = _status(value, threshold, warn=bool(probs.any()))
     message = f"{_pct(value)} of the output rows are non-negative and sum to 1"
-    message += (": the model returns probabilities; remove the softmax, attacks need logits"
-                if status == "FAIL" else ": outputs are logits")
+    message += {"FAIL": ": the model returns probabilities; remove the softmax, attacks need logits",
+                "WARN": ": a few rows by coincidence; outputs are logits",
+                "PASS": ": outputs are logits"}[status]
     return Finding("probability_outputs", status, value, threshold, message,
                    {"probability_rows": int(probs.sum()), "points": len(out), "atol": atol})
 
@@ -778,11 +807,12 @@ def check_pgd_convergence(
     moving = att & ~pgd100_fooled & improving.bool()
     value = _frac(late | moving, att)
     acc40, acc100 = _frac(~pgd40_fooled, att), _frac(~pgd100_fooled, att)
-    status = _status(value, threshold, warn=bool((late | moving).any()))
+    status = _status(value, threshold, warn=bool((late | moving).any()), count=int((late | moving).sum()))
     message = (f"robust PGD(40) {_pct(acc40)} → PGD(100) {_pct(acc100)}; {int(late.sum())} points "
                f"fooled only after step 40, {int(moving.sum())} survivors with loss still rising")
-    message += (": the attack has not converged, more iterations change the result"
-                if status == "FAIL" else ": PGD has converged")
+    message += {"FAIL": ": the attack has not converged, more iterations change the result",
+                "WARN": ": a stray point, as on honest models",
+                "PASS": ": PGD has converged"}[status]
     return Finding("pgd_convergence", status, value, threshold, message,
                    {"fooled_after_40": int(late.sum()), "still_improving": int(moving.sum()),
                     "pgd40_robust_accuracy": acc40, "pgd100_robust_accuracy": acc100,
@@ -950,7 +980,7 @@ def run_masking_check(
                            alpha=max(pgd_alpha, 2.5 * e / EPS_SWEEP_STEPS), batch_size=batch_size,
                            seed=seed, progress=progress)
             accs.append(sw.robust_accuracy[0])
-        findings.append(check_eps_monotone(eps=eps_list, robust_accuracy=accs))
+        findings.append(check_eps_monotone(eps=eps_list, robust_accuracy=accs, n=len(x)))
 
         idx = attacked.nonzero().flatten()
         xa, ya = x[idx], y[idx]
