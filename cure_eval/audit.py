@@ -5,12 +5,36 @@ What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``d
 (optionally with ``--weights FILE``). Outputs in ``--out``:
 
     config.json       resolved configuration (written first)
-    per_sample.csv    one row per (point, attack)
-    results.json      the summary (written last, only when the audit finished)
-    results.md        the table
+    audit_state.json  per-sample progress, saved after every finished unit (resumption)
+    per_sample.csv    one row per (point, attack)                 } only when the audit
+    results.md        the table                                   } has finished;
+    results.json      the summary (written last)                  } removed at the start
     eps_sweep.json / eps_sweep.png            with --eps-sweep
     masking_scatter.png, masking section      with --masking-check
     geometry.json, geometry PNGs, section     with --geometry
+
+Resuming: the points are cut into chunks of ``--batch-size`` points and the suite runs unit by
+unit (one attack, the PGD family counting as one, on one chunk); every finished unit's per-point
+results go into ``audit_state.json`` at once (atomically), and so do the ε sweep, the masking
+check and the geometry when they finish. After a crash or ``kill -9``, the same command resumes:
+it logs what it reuses and recomputes nothing that finished. The state carries a fingerprint of
+everything the numbers depend on (the model's weights hash and identity, dataset, points and
+their data hash, ε, attacks, cascade, seed, PGD step, SPSA iterations, batch size, device type,
+library versions); a state made with other settings is refused (exit 1: use a new ``--out`` or
+``--restart``, which discards it). A rerun of a finished audit rewrites its outputs from the state.
+
+Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank
+``k mod N`` (gloo process group; with CUDA each rank takes GPU ``LOCAL_RANK``). Rank 0 gathers and
+merges the per-sample records, runs the ε sweep, masking check and geometry, and alone writes the
+outputs. A unit's result depends only on the settings and its chunk: FGSM and DeepFool are
+deterministic, SPSA seeds each point from ``(seed, dataset index)``, and PGD's random start of
+chunk ``k`` is drawn like ``torchattacks.PGD`` after ``torch.manual_seed(seed + 1000003·k)``
+(chunk 0: ``seed``, so up to ``--batch-size`` points the audit equals ``torchattacks.PGD`` after
+``torch.manual_seed(seed)`` exactly). Sharded, resumed and uninterrupted single-process audits
+of the same command therefore give the same ``per_sample.csv`` and ``results.json`` (timings
+aside). Reported seconds are summed over units (over ranks, and over resumed runs). Under
+torchrun spell ``--n`` and ``--h`` as ``--n-points`` and ``--fd-step``: torchrun's own parser reads
+``--n`` and ``--h`` as abbreviations of its options. Details: :mod:`cure_eval.audit_state`.
 """
 
 from __future__ import annotations
@@ -30,7 +54,16 @@ from tabulate import tabulate
 from torch import nn
 
 from . import __version__
-from .attacks import ATTACK_NAMES, ATTACKS, SuiteResult, eps_sweep, run_suite
+from .attacks import ATTACK_NAMES, ATTACKS, SuiteResult, eps_sweep
+from .audit_state import (
+    STATE_FILE,
+    AuditState,
+    Shard,
+    audit_fingerprint,
+    close_shard,
+    run_resumable_suite,
+    shard_from_env,
+)
 from .checkpoint import load_checkpoint, load_state, load_weights_file
 from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
 from .data import (
@@ -98,7 +131,9 @@ def build_parser() -> ArgumentParser:
     d.add_argument("--dataset", default=None, help=f"{', '.join(list_datasets())} (default: the checkpoint's, else digits)")
     d.add_argument("--data-dir", default="data", help="folder with CIFAR-10/SVHN files (default: ./data)")
     d.add_argument("--download", action="store_true", help="download CIFAR-10/SVHN if missing")
-    d.add_argument("--n", type=int, default=None, help="test points: a fixed seeded subset (default: all on digits, 1000 otherwise)")
+    d.add_argument("--n", "--n-points", type=int, default=None,
+                   help="test points: a fixed seeded subset (default: all on digits, 1000 otherwise); "
+                   "spell it --n-points under torchrun")
 
     a = p.add_argument_group("attacks")
     a.add_argument("--eps", type=float, default=None, help="ℓ∞ radius in 1/255 units (default: 32 digits, 8 CIFAR-10, 12 SVHN)")
@@ -118,12 +153,16 @@ def build_parser() -> ArgumentParser:
     k.add_argument("--fail-on-masking", action="store_true", help="exit 3 when masking is suspected")
     k.add_argument("--geometry", action="store_true", help="curvature profile, Hz, Theorem 1, landscapes, WCI")
     k.add_argument("--geometry-n", type=int, default=20, help="points for the geometry measurements (default: 20)")
-    k.add_argument("--h", type=float, default=None,
-                   help="finite-difference step for curvature: ℓ2 length in [0, 1] pixel space (default: dataset's CURE h)")
+    k.add_argument("--h", "--fd-step", type=float, default=None,
+                   help="finite-difference step for curvature: ℓ2 length in [0, 1] pixel space (default: dataset's CURE h); "
+                   "spell it --fd-step under torchrun")
     k.add_argument("--top-k", type=int, default=10, help="eigenvalues at each end of the spectrum (default: 10)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=None, help="output folder (default: runs/audit_<model>)")
+    o.add_argument("--out", default=None, help="output folder (default: runs/audit_<model>); an unfinished "
+                   "audit in it is resumed")
+    o.add_argument("--restart", action="store_true",
+                   help=f"discard the audit state ({STATE_FILE}) in --out and start over")
     add_common_arguments(p)
     return p
 
@@ -210,8 +249,18 @@ def _main(argv: Sequence[str] | None) -> int:
     if unknown or not attacks:
         raise UsageError(f"unknown attack {', '.join(unknown) or '(none)'}: choose from {', '.join(ATTACK_NAMES)}")
     sweep = _parse_sweep(args.eps_sweep)
-    device = resolve_device(args.device)
-    progress = not args.no_progress
+    shard = shard_from_env()
+    try:
+        if not shard.is_main and not args.verbose:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
+        return _audit_all(args, attacks, sweep, shard)
+    finally:
+        close_shard(shard)
+
+
+def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) -> int:
+    device = shard.device(resolve_device(args.device))
+    progress = not args.no_progress and shard.is_main
 
     checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     if len(checkpoints) > 1 and args.model is not None:
@@ -235,13 +284,16 @@ def _main(argv: Sequence[str] | None) -> int:
     combined: dict[str, dict[str, Any]] = {}
     for (model, spec, desc), label in zip(loaded, labels, strict=True):
         sub = out if len(loaded) == 1 else out / label
-        summary = audit_model(model, spec, desc, opts, sub, device=device, progress=progress, label=label)
+        summary = audit_model(model, spec, desc, opts, sub, device=device, progress=progress, label=label,
+                              restart=args.restart, shard=shard)
+        if not shard.is_main:
+            continue  # rank 0 holds the merged results
         combined[label] = summary
         if "geometry" in summary:
             profiles[label] = summary["geometry"]
         if summary.get("masking", {}).get("verdict") == "suspect" and args.fail_on_masking:
             exit_code = 3
-    if len(loaded) > 1:
+    if len(loaded) > 1 and shard.is_main:
         _write_comparison(out, combined, profiles)
     if exit_code:
         log.error("gradient masking suspected (--fail-on-masking): exit %d", exit_code)
@@ -250,10 +302,18 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def audit_model(
     model: nn.Module, spec: DatasetSpec, desc: dict[str, Any], opts: AuditOptions, out: Path, *,
-    device: torch.device, progress: bool = True, label: str = "model",
+    device: torch.device, progress: bool = True, label: str = "model", restart: bool = False,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
-    """Audit one model; write its files into ``out`` (``results.json`` last); return the summary."""
-    sweep, attacks = opts.eps_sweep, opts.attacks
+    """Audit one model; write its files into ``out`` (``results.json`` last); return the summary.
+
+    Resumes the audit state in ``out`` when its settings match (raises :class:`CureEvalError`
+    when they do not, or when another audit is running in ``out``), or discards it with
+    ``restart``. With a ``shard`` of several processes
+    every rank must call this; rank 0 alone writes the outputs and returns the summary, the
+    other ranks return ``{}``.
+    """
+    shard = shard or Shard()
     eps = eps_from_255(spec.default_eps if opts.eps_255 is None else opts.eps_255)
     if eps == 0:
         raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")
@@ -265,55 +325,105 @@ def audit_model(
     check_images(x, spec)
     check_model_outputs(model, x, spec, device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("results.json", "results.md", "per_sample.csv"):
-        (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
-    config = {"cure_eval_version": __version__, "model": desc, "dataset": spec.name, "n_points": len(x),
-              "eps": eps, "pgd_alpha": alpha, **dataclasses.asdict(opts), "device": str(device),
-              "python": platform.python_version()}
-    write_json_atomic(out / "config.json", config)
-    log.info("auditing %s on %d %s test points, ε = %g/255, PGD step %g/255, device %s",
-             label, len(x), spec.name, eps * 255, alpha * 255, device)
+    fingerprint = audit_fingerprint(
+        model=model, desc=desc, dataset=spec.name, x=x, y=y, indices=idx, eps=eps, pgd_alpha=alpha,
+        attacks=opts.attacks, cascade=opts.cascade, seed=opts.seed, spsa_iterations=opts.spsa_iterations,
+        batch_size=opts.batch_size, device=device)
+    state = AuditState.open(out, fingerprint, shard=shard, restart=restart)  # refuses other settings
+    try:
+        return _audit_with_state(model, spec, desc, opts, out, state, x=x, y=y, idx=idx, eps=eps, alpha=alpha,
+                                 device=device, progress=progress, label=label, shard=shard)
+    finally:
+        state.close()
 
-    suite = run_suite(model, x, y, eps=eps, device=device, attacks=attacks, batch_size=opts.batch_size,
-                      seed=opts.seed, cascade=opts.cascade, pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
-                      indices=idx, progress=progress)
+
+def _audit_with_state(
+    model: nn.Module, spec: DatasetSpec, desc: dict[str, Any], opts: AuditOptions, out: Path, state: AuditState, *,
+    x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, eps: float, alpha: float, device: torch.device,
+    progress: bool, label: str, shard: Shard,
+) -> dict[str, Any]:
+    """:func:`audit_model` once the state is open (and this rank holds its lock)."""
+    sweep, attacks = opts.eps_sweep, opts.attacks
+    n_chunks = -(-len(x) // opts.batch_size)
+    if shard.is_main:
+        for stale in ("results.json", "results.md", "per_sample.csv"):
+            (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
+        config = {"cure_eval_version": __version__, "model": desc, "dataset": spec.name, "n_points": len(x),
+                  "eps": eps, "pgd_alpha": alpha, **dataclasses.asdict(opts), "device": str(device),
+                  "python": platform.python_version(), "world_size": shard.world_size, "chunks": n_chunks}
+        write_json_atomic(out / "config.json", config)
+        log.info("auditing %s on %d %s test points, ε = %g/255, PGD step %g/255, device %s%s",
+                 label, len(x), spec.name, eps * 255, alpha * 255, device,
+                 f", {shard.world_size} processes" if shard.sharded else "")
+        if shard.world_size > n_chunks:
+            log.warning("%d chunks of --batch-size %d points for %d processes: some processes have nothing "
+                        "to do (use a smaller --batch-size)", n_chunks, opts.batch_size, shard.world_size)
+        if state.complete:
+            log.info("%s: this audit already finished: rewriting its outputs from the state", STATE_FILE)
+
+    suite = run_resumable_suite(model, x, y, idx, eps=eps, device=device, attacks=attacks,
+                                batch_size=opts.batch_size, seed=opts.seed, cascade=opts.cascade,
+                                pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations, state=state,
+                                shard=shard, progress=progress)
+    if suite is None or not shard.is_main:
+        return {}
     summary: dict[str, Any] = {**suite.summary(), "dataset": spec.name, "model": desc, "pgd_alpha": alpha}
     summary["versions"]["cure_eval"] = __version__
 
     if sweep:
-        summary["eps_sweep"] = _run_sweep(model, x, y, sweep, out, device=device, alpha=alpha,
-                                          batch_size=opts.batch_size, seed=opts.seed, progress=progress)
+        settings: dict[str, Any] = {"eps_sweep": sweep}
+        data = state.stage("eps_sweep", settings, ["eps_sweep.json", "eps_sweep.png"])
+        if data is None:
+            data = state.put_stage("eps_sweep", settings, _run_sweep(
+                model, x, y, sweep, out, device=device, alpha=alpha, batch_size=opts.batch_size,
+                seed=opts.seed, progress=progress))
+        else:
+            log.info("ε sweep: reused from %s", STATE_FILE)
+        summary["eps_sweep"] = data
 
     if opts.masking_check:
-        from .masking import run_masking_check
-
         m_n = min(opts.masking_n or len(x), len(x))
-        report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=opts.seed,
-                                   pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
-                                   batch_size=opts.batch_size, suite=suite if m_n == len(x) else None,
-                                   progress=progress)
-        report.plot_scatter(out / "masking_scatter.png")
-        summary["masking"] = report.to_dict()
-        log.info("\n%s\n", report.format_table())
+        settings = {"masking_n": m_n}
+        masking = state.stage("masking", settings, ["masking_scatter.png"])
+        if masking is None:
+            from .masking import run_masking_check
+
+            report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=opts.seed,
+                                       pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
+                                       batch_size=opts.batch_size, suite=suite if m_n == len(x) else None,
+                                       progress=progress)
+            report.plot_scatter(out / "masking_scatter.png")
+            masking = state.put_stage("masking", settings, report.to_dict())
+            log.info("\n%s\n", report.format_table())
+        else:
+            log.info("masking check: reused from %s (verdict: %s)", STATE_FILE, masking.get("verdict"))
+        summary["masking"] = masking
 
     if opts.geometry:
-        from .geometry import format_table as geometry_table
-        from .geometry import measure_geometry
+        settings = {"geometry_n": min(opts.geometry_n, len(x)), "h": opts.h or spec.default_h, "top_k": opts.top_k,
+                    "label": label}
+        geometry = state.stage("geometry", settings, ["geometry.json"])
+        if geometry is None:
+            from .geometry import format_table as geometry_table
+            from .geometry import measure_geometry
 
-        geo = measure_geometry(model, x, y, device=device, h=opts.h or spec.default_h, k=opts.top_k,
-                               n_points=min(opts.geometry_n, len(x)), out_dir=out, eps=eps,
-                               class_names=list(spec.class_names) or None, label=label, seed=opts.seed,
-                               progress=progress)
-        summary["geometry"] = {k: geo[k] for k in ("top_eigenvalues", "bottom_eigenvalues", "sorted_profile", "hz_norm",
-                                                   "frobenius", "alignment", "wci", "hvps", "seconds_per_point")
-                               if k in geo}
-        log.info("\n%s\n", geometry_table(geo))
+            geo = measure_geometry(model, x, y, device=device, h=opts.h or spec.default_h, k=opts.top_k,
+                                   n_points=min(opts.geometry_n, len(x)), out_dir=out, eps=eps,
+                                   class_names=list(spec.class_names) or None, label=label, seed=opts.seed,
+                                   progress=progress)
+            geometry = state.put_stage("geometry", settings, {
+                k: geo[k] for k in ("top_eigenvalues", "bottom_eigenvalues", "sorted_profile", "hz_norm",
+                                    "frobenius", "alignment", "wci", "hvps", "seconds_per_point") if k in geo})
+            log.info("\n%s\n", geometry_table(geo))
+        else:
+            log.info("geometry: reused from %s", STATE_FILE)
+        summary["geometry"] = geometry
 
     write_text_atomic(out / "per_sample.csv", _csv(suite))
     table = format_results_table(summary)
     write_text_atomic(out / "results.md", f"# Audit of {label} on {spec.name}, ε = {eps * 255:g}/255\n\n{table}\n")
     write_json_atomic(out / "results.json", summary)
+    state.mark_complete()
     log.info("\n%s\n\noutput: %s", table, out)
     return summary
 
