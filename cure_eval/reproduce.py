@@ -146,8 +146,9 @@ def _main(argv: Sequence[str] | None) -> int:
     audits: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         desc = {"source": "reproduce", "model": mcfg.name, "method": name}
+        # a fresh run retrains the models, so an old audit state of the same folder is discarded
         audits[name] = audit_model(model, spec, desc, opts, out / "audit" / name, device=device, progress=progress,
-                                   label=name)
+                                   label=name, restart=not args.resume)
 
     # 3. Figures and report.
     from .geometry import plot_profiles
