@@ -169,8 +169,8 @@ def test_trades_loss_is_ce_plus_beta_kl(digits_train: tuple[torch.Tensor, torch.
     direct.backward()  # gradient through both f(x) and f(x'), as in the reference code
     lr = 0.05
     stats = method.step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
-    assert stats["loss"] == pytest.approx(float(direct), rel=1e-5)
-    assert stats["kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-7)
+    assert stats["loss"] == pytest.approx(float(direct.detach()), rel=1e-5)
+    assert stats["kl"] == pytest.approx(float(kl.detach()), rel=1e-4, abs=1e-7)
     for p_new, p_ref in zip(model.parameters(), ref.parameters(), strict=True):
         assert p_ref.grad is not None
         torch.testing.assert_close(p_new, p_ref.detach() - lr * p_ref.grad, rtol=1e-5, atol=1e-6)
@@ -281,6 +281,29 @@ def test_pgd_at_trades_awp_are_robust_on_digits(tmp_path: Path, digits_train: tu
     for name in ("pgd_at", "trades", "awp"):
         assert results[name]["clean_accuracy"] >= 0.90, (name, results)
         assert results[name]["pgd20_accuracy"] >= normal + 0.20, (name, results)
+
+
+def test_adv_finetune_makes_the_normal_model_robust_on_digits(
+        tmp_path: Path, trained_digits_model: NormalizedModel, digits_train: tuple[torch.Tensor, torch.Tensor],
+        digits_test: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """3 epochs of DeepFool fine-tuning of conftest's normal CNN (digits recipe otherwise).
+
+    Measured (seeds 0, 1): normal 96.7-97.2 / 36.9-38.3 % → 95.6-96.1 / 56-60 % (clean/PGD(20));
+    10 epochs: 96.4 / 69.2 %. Required: clean ≥ 90 % and PGD(20) ≥ the normal model's + 10 points.
+    """
+    model = copy.deepcopy(trained_digits_model)
+    x, y = digits_train
+    cls = get_method("adv_finetune")
+    cfg = cls.make_config(SPEC, "small_cnn", overrides={"epochs": 3})
+    ctx = TrainContext(spec=SPEC, eps=EPS, model_name="small_cnn", device=CPU, epochs=3,
+                       steps_per_epoch=len(x) // cfg.batch_size)
+    train(model, cls(cfg, ctx), x, y, model_config=ModelConfig("small_cnn", 10, 1, mean=SPEC.mean, std=SPEC.std),
+          out_dir=tmp_path, progress=False)
+    kw: dict[str, Any] = {"eps": EPS, "alpha": SPEC.pgd_alpha / 255, "device": CPU, "progress": False}
+    normal = evaluate(trained_digits_model, *digits_test, **kw)
+    tuned = evaluate(model, *digits_test, **kw)
+    print(json.dumps({"standard": normal, "adv_finetune": tuned}))
+    assert tuned["clean_accuracy"] >= 0.90 and tuned["pgd20_accuracy"] >= normal["pgd20_accuracy"] + 0.10
 
 
 # -- defend end to end, --init, resume ----------------------------------------------------------
