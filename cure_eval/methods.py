@@ -42,6 +42,7 @@ class MethodConfig:
     lr_schedule: str = "cosine"  # cosine | exponential | step | constant
     lr_milestones: tuple[int, ...] = ()  # epochs at which "step" multiplies lr by 0.1
     momentum: float = 0.9
+    nesterov: bool = True  # the Madry/TRADES/AWP references use plain momentum (their presets say so)
     weight_decay: float = 5e-4
 
 
@@ -116,7 +117,8 @@ class Method(ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         opt: torch.optim.Optimizer
         if c.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.momentum > 0)
+            opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                  nesterov=c.nesterov and c.momentum > 0)
         elif c.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
         else:
@@ -214,15 +216,17 @@ def parse_method_args(cls: type[Method], items: list[str]) -> dict[str, Any]:
             raise UsageError(f"--method-arg {item!r} must look like key=value")
         if key not in fields:
             raise UsageError(f"method {cls.name!r} has no option {key!r} (options: {', '.join(sorted(fields))})")
-        default = fields[key].default
-        out[key] = _coerce(raw, default, key)
+        out[key] = _coerce(raw, fields[key].default, key, str(fields[key].type))
     return out
 
 
-def _coerce(raw: str, default: Any, key: str) -> Any:
+def _coerce(raw: str, default: Any, key: str, declared: str = "") -> Any:
+    """Parse ``raw`` as the field's type (from its default, or its declared type when it is None)."""
     raw = raw.strip()
-    if raw.lower() in ("none", "null") and not isinstance(default, str):
+    if raw.lower() in ("none", "null") and (default is None or "None" in declared):
         return None
+    if default is None:  # e.g. ``int | None``: parse by the declared type
+        default = 0 if "int" in declared else 0.0 if "float" in declared else ""
     try:
         if isinstance(default, bool):
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -232,7 +236,7 @@ def _coerce(raw: str, default: Any, key: str) -> Any:
             raise ValueError(raw)
         if isinstance(default, int):
             return int(raw)
-        if isinstance(default, float) or default is None:
+        if isinstance(default, float):
             return float(raw)
         if isinstance(default, tuple):
             return tuple(int(v) for v in raw.split(",") if v)
