@@ -10,10 +10,19 @@ side-by-side table and a run folder::
         <method>/              model.safetensors, metrics.jsonl, train_state.pt
         results.json           written last, only when everything finished
         results.md             the table
+
+Data parallel on several processes or GPUs: ``torchrun --nproc_per_node=N -m cure_eval.defend ...``
+(``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.distributed`).
+``--batch-size`` stays the *global* batch (each rank trains on ``batch_size / N`` of it), so the
+hyperparameters mean the same as in one process. Rank 0 alone writes the run folder and the cache;
+the others wait at barriers. The evaluations (clean and PGD(20)) run on rank 0 only, after all
+training (the normal model's too, so that no rank idles through an evaluation); the other ranks
+exit when training is over.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -28,7 +37,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import load_checkpoint, unwrap
 from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
 from .data import DatasetSpec, get_dataset_spec, list_datasets, load_dataset, select_points
@@ -104,7 +113,7 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     _format_help(parser)
     args = parser.parse_args(argv)
-    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    setup_logging(verbose=args.verbose, quiet=args.quiet or distributed.env_rank() != 0)
     if args.list_methods:
         for name in list_methods():
             log.warning("%-14s %s", name, get_method(name).description)
@@ -129,8 +138,22 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.pretrain_epochs is not None:
         std_over["epochs"] = args.pretrain_epochs
     std_cfg = standard_cls.make_config(spec, mcfg.name, overrides=std_over)
-    device = resolve_device(args.device)
-    progress = not args.no_progress
+    device = distributed.setup(resolve_device(args.device))  # this rank's device under torchrun
+    try:
+        return _run(args, spec, method_cls, standard_cls, eps, alpha, mcfg, method_cfg, std_cfg, device)
+    finally:
+        distributed.teardown()
+
+
+def _run(args: argparse.Namespace, spec: DatasetSpec, method_cls: type[Method], standard_cls: type[Method], eps: float,
+         alpha: float, mcfg: ModelConfig, method_cfg: Any, std_cfg: Any, device: torch.device) -> int:
+    main_rank = distributed.is_main()
+    progress = not args.no_progress and main_rank
+    world = distributed.world_size()
+    for cfg in (method_cfg, *(() if args.init else (std_cfg,))):
+        if cfg.batch_size % world:  # each rank trains on batch_size / world of every global batch
+            raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {world} processes: "
+                             f"pass a --batch-size that is a multiple of {world}")
 
     # Data first: a missing data set fails before anything is written.
     train_ds = load_dataset(spec.name, "train", data_dir=args.data_dir, download=args.download)
@@ -144,11 +167,12 @@ def _main(argv: Sequence[str] | None) -> int:
     probe = (x_test[:128], y_test[:128])
 
     out = Path(args.out or f"runs/{spec.name}_{args.model}_{method_cls.name}_s{args.seed}")
-    if out.exists() and not args.resume and any(out.iterdir()):
-        log.info("run folder %s exists: starting over (pass --resume to continue it)", out)
-    (out / "results.json").unlink(missing_ok=True)  # never leave a stale "finished" result behind
-    (out / "results.md").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        if out.exists() and not args.resume and any(out.iterdir()):
+            log.info("run folder %s exists: starting over (pass --resume to continue it)", out)
+        (out / "results.json").unlink(missing_ok=True)  # never leave a stale "finished" result behind
+        (out / "results.md").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
 
     probe_model = create_model(mcfg)
     n_params = count_parameters(probe_model)
@@ -171,7 +195,11 @@ def _main(argv: Sequence[str] | None) -> int:
         "train_n": len(x_train), "data_dir": args.data_dir, "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    write_json_atomic(out / "config.json", config)
+    if distributed.world_size() > 1:
+        config["world_size"] = distributed.world_size()
+    if main_rank:
+        write_json_atomic(out / "config.json", config)
+    distributed.barrier()
 
     torch.manual_seed(args.seed)
     results: dict[str, Any] = {}
@@ -194,16 +222,24 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         timings["standard"] = secs
         base_name = "standard"
-    if base_model is not None and (with_standard or args.init):
+
+    def evaluate_base() -> None:
+        assert base_model is not None
         results["standard"] = evaluate(base_model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
         results["standard"]["source"] = base_name
         log.info("standard: clean %.1f %%, PGD(20) %.1f %%", 100 * results["standard"]["clean_accuracy"],
                  100 * results["standard"]["pgd20_accuracy"])
 
+    # Under torchrun rank 0 evaluates after all training, so the other ranks never wait on it.
+    deferred = distributed.world_size() > 1
+    if base_model is not None and (with_standard or args.init) and not deferred:
+        evaluate_base()
+
     # 2. The method.
     if method_cls.name == "standard" and base_model is not None:
         model = base_model
-        results["standard"] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
+        if main_rank:
+            results["standard"] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
     else:
         start_from = base_model if (method_cls.fine_tunes or args.init) else None
         t0 = time.perf_counter()
@@ -212,7 +248,12 @@ def _main(argv: Sequence[str] | None) -> int:
                                   resume=args.resume, probe=probe, progress=progress, start_from=start_from)
         timings[method_cls.name] = res.seconds_per_epoch
         log.info("%s: %d epochs in %.1f s", method_cls.name, method_cfg.epochs, time.perf_counter() - t0)
-        results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
+        if main_rank and deferred and base_model is not None and (with_standard or args.init):
+            evaluate_base()
+        if main_rank:
+            results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
+    if not main_rank:
+        return 0  # training is over; rank 0 evaluates and writes the results
 
     summary = {
         "dataset": spec.name, "model": mcfg.name, "model_kwargs": mcfg.kwargs, "method": method_cls.name,
@@ -253,15 +294,19 @@ def standard_model(
     x: torch.Tensor, y: torch.Tensor, out: Path, *, cache_dir: Path | None, seed: int, resume: bool,
     probe: tuple[torch.Tensor, torch.Tensor], progress: bool,
 ) -> tuple[torch.nn.Module, float]:
-    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch)."""
+    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch).
+
+    Under torchrun rank 0 alone copies to and from the cache; every rank loads the same files.
+    """
     key = _cache_key(spec, mcfg, cfg, seed, len(x))
     cached = cache_dir / f"standard-{key}" if cache_dir is not None else None
-    if cached is not None and is_complete(cached, cfg.epochs) and not is_complete(out, cfg.epochs):
+    if distributed.is_main() and cached is not None and is_complete(cached, cfg.epochs) and not is_complete(out, cfg.epochs):
         log.info("normal model: reusing cached %s", cached)
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(cached, out)
-    if is_complete(out, cfg.epochs) and (resume or cached is not None):
+    distributed.barrier()
+    if distributed.broadcast_object(is_complete(out, cfg.epochs) and (resume or cached is not None)):
         model, _ = load_checkpoint(out / CHECKPOINT_NAME, device=device)
         metrics = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines() if line.strip()]
         secs = [float(r["seconds"]) for r in metrics if "seconds" in r]
@@ -271,7 +316,7 @@ def standard_model(
     method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
     res = train(model, method, x, y, model_config=mcfg, out_dir=out, seed=seed, resume=resume,
                 probe=probe, progress=progress)
-    if cached is not None:
+    if cached is not None and distributed.is_main():
         tmp = cached.with_name(cached.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -297,8 +342,11 @@ def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device,
 
 
 def _cache_key(spec: DatasetSpec, mcfg: ModelConfig, cfg: Any, seed: int, n: int) -> str:
-    blob = json.dumps({"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": _cfg_dict(cfg),
-                       "seed": seed, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    key: dict[str, Any] = {"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": _cfg_dict(cfg),
+                           "seed": seed, "torch": torch.__version__.split("+")[0]}
+    if distributed.world_size() > 1:  # per-rank BatchNorm statistics: not the one-process model
+        key["world"] = distributed.world_size()
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

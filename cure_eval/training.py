@@ -3,6 +3,11 @@
 Per epoch it appends one JSON line to ``metrics.jsonl`` and writes, atomically, ``train_state.pt``
 (model, optimiser, scheduler and RNG state; loaded with ``weights_only=True``) and
 ``model.safetensors`` (the checkpoint). ``resume=True`` continues after the last completed epoch.
+
+Inside a process group (``torchrun``, see :mod:`cure_eval.distributed`) :func:`train` trains data
+parallel with no change for the caller: every rank builds the same global batches (the same
+permutation and augmentation as one process), keeps its ``batch_size / N`` share, and gradients are
+averaged before each ``optimizer.step()``; rank 0 alone writes the files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import (
     CheckpointInfo,
     load_train_state,
@@ -28,7 +34,7 @@ from .checkpoint import (
     unwrap,
 )
 from .data import DatasetSpec
-from .errors import CureEvalError
+from .errors import CureEvalError, UsageError
 from .io import append_jsonl, read_jsonl, write_text_atomic
 from .methods import Method
 from .models import ModelConfig
@@ -119,15 +125,46 @@ def train(
         seed: seeds batch order and augmentation.
         resume: continue after the last completed epoch in ``out_dir`` if there is one.
         probe: a fixed batch of test points: per-epoch clean accuracy and ``method.probe_metrics``.
+        on_epoch: called with each epoch's metrics row (on every rank, with rank 0's row).
+
+    Distributed (a process group of ``N > 1`` ranks, e.g. under ``torchrun``):
+
+    * batches: every rank draws the same global batch of ``batch_size`` indices (seeded by
+      ``(seed, epoch)``) and augments the *whole* global batch with the same generator, then keeps
+      its contiguous share ``[r·B/N, (r+1)·B/N)`` (as ``epoch_batches(..., rank=r, world=N)``);
+      so the global batches and their augmentation are exactly those of one process.
+      ``batch_size`` must be divisible by ``N``.
+    * model: rank 0's weights are broadcast at the start (after a resume too); gradients and
+      BatchNorm running statistics are averaged before every ``optimizer.step()``
+      (:class:`~cure_eval.distributed.GradientAverager`, a step pre-hook on the optimizer: the
+      method plugins are unchanged); the model state is synchronised from rank 0 at every epoch
+      end, before the probe and the checkpoint.
+    * other randomness (PGD random starts, TRADES noise: the global RNG) is per rank, reseeded at
+      each epoch from ``(seed, epoch, rank)``, so resuming is exact under ``N`` ranks too (a
+      one-process run draws from one continuing stream instead, restored from ``train_state.pt``).
+    * files: only rank 0 writes ``metrics.jsonl``, ``train_state.pt`` and the checkpoint, and runs
+      the probe; every rank reads ``train_state.pt`` on resume (a shared filesystem). Logged
+      per-step statistics are means over the ranks; ``seconds`` is rank 0's.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
     ctx, cfg = method.ctx, method.config
+    if cfg.batch_size % world:
+        raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {world} processes: "
+                         f"use a multiple of {world}")
+    local = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     device = ctx.device
     optimizer, scheduler = method.make_optimizer(model)
     start = 0
     state_path, metrics_path = out / STATE_NAME, out / METRICS_NAME
-    if resume and state_path.is_file():
+    has_state = distributed.broadcast_object(resume and state_path.is_file())  # rank 0 decides
+    if has_state and not state_path.is_file():
+        raise CureEvalError(f"rank {rank} cannot see {state_path}: the run folder must be on a "
+                            "filesystem shared by every process")
+    if has_state:
         state = load_train_state(state_path)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -135,12 +172,19 @@ def train(
         torch.set_rng_state(state["rng"])
         start = int(state["epoch"])
         log.info("resuming %s from epoch %d/%d", ctx.model_name, start, cfg.epochs)
-    elif not resume:
+    elif not resume and main:
         for stale in (state_path, metrics_path, out / CHECKPOINT_NAME):
             stale.unlink(missing_ok=True)
-    # Drop metric lines of epochs that did not complete (killed between append and state save).
-    rows = [r for r in read_jsonl(metrics_path) if int(r.get("epoch", 0)) <= start]
-    write_text_atomic(metrics_path, "".join(_jsonl(r) for r in rows))
+    distributed.barrier()  # every rank has read the state before rank 0 rewrites metrics.jsonl
+    if main:
+        # Drop metric lines of epochs that did not complete (killed between append and state save).
+        rows = [r for r in read_jsonl(metrics_path) if int(r.get("epoch", 0)) <= start]
+        write_text_atomic(metrics_path, "".join(_jsonl(r) for r in rows))
+    averager = None
+    if world > 1:
+        # The optimizer is private to this call, so its hook goes with it even on an exception.
+        distributed.broadcast_module_(unwrap(model))
+        averager = distributed.GradientAverager(optimizer, unwrap(model))
 
     info = CheckpointInfo(model=model_config, dataset=ctx.spec.name, method=method.name,
                           method_config=_config_dict(cfg), extra=dict(checkpoint_extra or {}))
@@ -149,17 +193,23 @@ def train(
     for epoch in range(start, cfg.epochs):
         method.start_epoch(epoch)
         aug_gen.manual_seed(seed * 7919 + epoch)
-        batches = epoch_batches(len(x), cfg.batch_size, seed=seed, epoch=epoch)
+        if world > 1:
+            torch.manual_seed(distributed.rank_seed(seed, epoch, rank))
+        batches = epoch_batches(len(x), cfg.batch_size, seed=seed, epoch=epoch)  # global batches
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
         model.train()
-        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{method.name} epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and main),
+                   leave=False)
         for idx in bar:
-            xb = augment(x[idx], ctx.spec, aug_gen).to(device, non_blocking=True)
-            yb = y[idx].to(device, non_blocking=True)
+            # The whole global batch is augmented (the draws of one process), then this rank keeps
+            # its share; in a single process ``local`` is the whole batch.
+            xb = augment(x[idx], ctx.spec, aug_gen)[local].to(device, non_blocking=True)
+            yb = y[idx][local].to(device, non_blocking=True)
             stats = method.step(model, optimizer, xb, yb)
             scheduler.step()
-            if not all(torch.isfinite(torch.tensor(v)) for v in stats.values()):
+            finite = all(bool(torch.isfinite(torch.tensor(v))) for v in stats.values())
+            if not distributed.all_true(finite):  # every rank stops together
                 raise CureEvalError(
                     f"training diverged at epoch {epoch + 1} ({stats}): lower the learning rate or γ"
                 )
@@ -168,22 +218,30 @@ def train(
             bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         seconds = time.perf_counter() - t0
         epoch_times.append(seconds)
+        if world > 1:
+            distributed.sync_module_state_(unwrap(model))
+            sums = distributed.mean_dict(sums)
         row: dict[str, Any] = {"epoch": epoch + 1, "method": method.name, "seconds": round(seconds, 3),
                                "lr": optimizer.param_groups[0]["lr"]}
         row.update({k: v / max(1, len(batches)) for k, v in sums.items()})
-        if probe is not None:
-            row.update(_probe(model, method, probe, device))
-        append_jsonl(metrics_path, row)
-        save_train_state(state_path, {
-            "epoch": epoch + 1, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-        })
-        info.epoch = epoch + 1
-        save_checkpoint(out / CHECKPOINT_NAME, model, info)
-        log.info("%s epoch %d/%d: %s", method.name, epoch + 1, cfg.epochs,
-                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if main:
+            if probe is not None:
+                row.update(_probe(model, method, probe, device))
+            append_jsonl(metrics_path, row)
+            save_train_state(state_path, {
+                "epoch": epoch + 1, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            })
+            info.epoch = epoch + 1
+            save_checkpoint(out / CHECKPOINT_NAME, model, info)
+            log.info("%s epoch %d/%d: %s", method.name, epoch + 1, cfg.epochs,
+                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        row = distributed.broadcast_object(row)  # rank 0's row (with the probe) on every rank
         if on_epoch is not None:
             on_epoch(row)
+    if averager is not None:
+        averager.remove()
+    distributed.barrier()  # rank 0's files are complete before any rank reads them
     model.eval()
     return TrainResult(model=model, metrics=read_jsonl(metrics_path),
                        seconds_per_epoch=(sum(epoch_times) / len(epoch_times)) if epoch_times else float("nan"),
