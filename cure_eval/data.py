@@ -59,9 +59,10 @@ class DatasetSpec:
 
 _SPECS: dict[str, DatasetSpec] = {
     # mean/std of the 1797 images scaled by 1/16; ε = 32/255: 8×8 digits are robust at small ε.
+    # h = 1.0 is the ℓ2 length of a 32/255 sign step on 64 pixels: curvature at the attack's scale.
     "digits": DatasetSpec(
         name="digits", num_classes=10, in_chans=1, image_size=8, mean=(0.3053,), std=(0.3760,),
-        default_eps=32.0, default_h=0.5, pgd_alpha=4.0, class_names=tuple(str(i) for i in range(10)),
+        default_eps=32.0, default_h=1.0, pgd_alpha=4.0, class_names=tuple(str(i) for i in range(10)),
     ),
     # Normalisation constants of the CURE reference code (REFERENCE.md §2). h = 0.6 is the
     # reference code's h = 3 in normalised units expressed in [0, 1] pixel space.
