@@ -265,7 +265,7 @@ def render_report(results: dict[str, Any], *, argv_text: str, out: Path) -> str:
         tabulate([[n, f"{a['geometry']['top_eigenvalues'][0]:.4g}", f"{a['geometry']['hz_norm']:.4g}",
                    f"{a['geometry']['frobenius']:.4g}", f"{a['geometry']['alignment']:.3f}", f"{a['geometry']['wci']:.4g}"]
                   for n, a in audits.items() if "geometry" in a],
-                 headers=["method", "λ_max (mean top eigenvalue)", "‖Hz‖", "‖H‖_F estimate", "alignment |gᵀu|/‖g‖", "WCI"],
+                 headers=["method", "λ_max (mean top eigenvalue)", "‖Hz‖", "‖H‖_F estimate", "alignment gᵀu/‖g‖", "WCI"],
                  tablefmt="github"),
         "",
         "## Gradient masking (paper Fig. 7)",
