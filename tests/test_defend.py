@@ -143,7 +143,9 @@ def test_default_command_shows_the_cure_effect(tmp_path: Path) -> None:
     assert rows[-1]["hz_norm"] < rows[0]["hz_norm"]  # curvature falls while robustness rises
     assert rows[-1]["probe_pgd20_acc"] > rows[0]["probe_pgd20_acc"]
     # Issue 5's qualitative claim on the embedded data: CURE lowers the input-space curvature of
-    # the normal model it was fine-tuned from (top eigenvalue, ‖Hz‖, Frobenius estimate).
+    # the normal model it was fine-tuned from (top eigenvalue, ‖Hz‖, Frobenius estimate), measured
+    # at the scale CURE regularises (the dataset's h = 1.0; at h = 0.5 the Frobenius estimate does
+    # not fall: 6.10 → 6.36 on 20 points, while λ_max and ‖Hz‖ still do).
     from cure_eval.data import select_points
     from cure_eval.geometry import curvature_profile, curvature_summaries
 
@@ -153,7 +155,8 @@ def test_default_command_shows_the_cure_effect(tmp_path: Path) -> None:
     geo = {}
     for name in ("standard", "cure"):
         model, _ = load_checkpoint(out / name / "model.safetensors")
-        prof = curvature_profile(model, x, y, h=0.5, k=5, device="cpu", progress=False)
-        summ = curvature_summaries(model, x, y, h=0.5, device="cpu")
+        h = get_dataset_spec("digits").default_h
+        prof = curvature_profile(model, x, y, h=h, k=5, device="cpu", progress=False)
+        summ = curvature_summaries(model, x, y, h=h, device="cpu")
         geo[name] = (float(prof.top_eigenvalues[0]), float(summ["hz_norm"]), float(summ["frobenius"]))
     assert all(c < s for c, s in zip(geo["cure"], geo["standard"], strict=True)), geo
