@@ -151,7 +151,7 @@ class AWPMethod(Method):
     def presets(cls) -> dict[str, dict[str, Any]]:
         # csdongxian/AWP: 200 epochs, SGD 0.1 (momentum 0.9), weight decay 5e-4, lr ÷10 from the
         # 1-based epochs 100 and 150 (0-based milestones 99 and 149), batch 128, PGD-10 step 2/255.
-        paper = {"epochs": 200, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+        paper = {"epochs": 200, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
                  "weight_decay": 5e-4, "lr_schedule": "step", "lr_milestones": (99, 149)}
         return {"paper": {**paper, "base": "pgd_at"},
                 "trades_paper": {**paper, "base": "trades", "beta": 6.0}}

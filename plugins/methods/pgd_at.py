@@ -151,7 +151,7 @@ class PGDATMethod(Method):
             # Madry et al.'s CIFAR-10 run: 80k iterations of batch 128 (≈ 205 epochs), lr 0.1,
             # ÷10 at 40k and 60k iterations, weight decay 2e-4, momentum 0.9.
             "paper": {"epochs": 205, "batch_size": 128, "optimizer": "sgd", "lr": 0.1,
-                      "momentum": 0.9, "weight_decay": 2e-4, "lr_schedule": "step",
+                      "momentum": 0.9, "nesterov": False, "weight_decay": 2e-4, "lr_schedule": "step",
                       "lr_milestones": (102, 154)},
         }
 

@@ -116,7 +116,7 @@ class TradesMethod(Method):
         return {
             # yaodongyu/TRADES train_trades_cifar10.py (WRN-34-10): 1-based epochs ≥ 75 use lr/10,
             # ≥ 90 lr/100, i.e. 0-based milestones 74 and 89; ε = 0.031 (pass --eps 7.9), step 0.007.
-            "paper": {"epochs": 80, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+            "paper": {"epochs": 80, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
                       "weight_decay": 2e-4, "lr_schedule": "step", "lr_milestones": (74, 89),
                       "beta": 6.0, "steps": 10, "step_size": 0.007},
         }
