@@ -73,6 +73,7 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
     def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
+        type(self).check(config)
         self.config = config
         self.ctx = ctx
         self.epoch = 0
@@ -87,6 +88,15 @@ class Method(ABC):
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
         """Overrides of the dataclass defaults for a dataset/model (before presets and user values)."""
         return {}
+
+    @classmethod
+    def check(cls, config: MethodConfig) -> None:
+        """Refuse invalid option values with a one-line :class:`UsageError` (default: accept).
+
+        Called by :meth:`make_config` (so bad ``--method-arg`` values fail before any training)
+        and by ``__init__``.
+        """
+        return None
 
     @classmethod
     def make_config(
@@ -108,7 +118,9 @@ class Method(ABC):
             raise UsageError(
                 f"method {cls.name!r} has no option {', '.join(unknown)} (options: {', '.join(sorted(fields))})"
             )
-        return cls.Config(**values)
+        config = cls.Config(**values)
+        cls.check(config)
+        return config
 
     # -- optimisation ----------------------------------------------------------------------
     def make_optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from torch import nn
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, TrainContext
+from cure_eval.methods import Method, MethodConfig
 from cure_eval.training import eval_mode
 
 
@@ -105,9 +105,6 @@ class AdvFinetuneMethod(Method):
     fine_tunes = True
     Config = AdvFinetuneConfig
 
-    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
-        super().__init__(config, ctx)
-        self.check(config)
 
     @classmethod
     def check(cls, config: MethodConfig) -> None:
@@ -120,13 +117,6 @@ class AdvFinetuneMethod(Method):
         if config.max_eps is not None and not (config.max_eps > 0 or config.max_eps == -1):
             raise UsageError(f"max_eps must be positive, -1 (the run's ε) or none, got {config.max_eps}")
 
-    @classmethod
-    def make_config(cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> MethodConfig:
-        """As :meth:`Method.make_config`, then :meth:`check` (bad values fail before any training)."""
-        cfg = super().make_config(spec, model_name, preset=preset, overrides=overrides)
-        cls.check(cfg)
-        return cfg
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

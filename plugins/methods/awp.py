@@ -39,7 +39,6 @@ momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr ÷10 at epochs 100 an
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +104,6 @@ class AWPMethod(Method):
 
     def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
         super().__init__(config, ctx)
-        self.check(config)
         assert isinstance(config, AWPConfig)
         self.base: PGDATMethod | TradesMethod = self._base_method(config, ctx)
         self.gamma = float(config.gamma if config.gamma is not None else _DEFAULT_GAMMA[config.base])
@@ -135,13 +133,6 @@ class AWPMethod(Method):
             raise UsageError(f"awp warmup_epochs must be >= 0, got {config.warmup_epochs}")
         _BASES[config.base][0].check(cls._base_config(config))  # type: ignore[attr-defined]
 
-    @classmethod
-    def make_config(cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> MethodConfig:
-        """As :meth:`Method.make_config`, then :meth:`check` (bad values fail before any training)."""
-        cfg = super().make_config(spec, model_name, preset=preset, overrides=overrides)
-        cls.check(cfg)
-        return cfg
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

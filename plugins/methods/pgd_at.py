@@ -32,7 +32,7 @@ shared with ``trades`` and ``awp``. Nothing here has state beyond the model and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from torch import nn
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, TrainContext
+from cure_eval.methods import Method, MethodConfig
 from cure_eval.training import eval_mode
 
 #: ``forward(inputs) -> logits``: the model itself, or a functional copy of it (AWP's proxy).
@@ -120,9 +120,6 @@ class PGDATMethod(Method):
     fine_tunes = False
     Config = PGDATConfig
 
-    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
-        super().__init__(config, ctx)
-        self.check(config)
 
     @classmethod
     def check(cls, config: MethodConfig) -> None:
@@ -133,13 +130,6 @@ class PGDATMethod(Method):
         if config.steps < 0:
             raise UsageError(f"steps must be >= 0, got {config.steps}")
 
-    @classmethod
-    def make_config(cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> MethodConfig:
-        """As :meth:`Method.make_config`, then :meth:`check` (bad values fail before any training)."""
-        cfg = super().make_config(spec, model_name, preset=preset, overrides=overrides)
-        cls.check(cfg)
-        return cfg
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

@@ -24,7 +24,6 @@ from 90). On digits: Adam 1e-3 cosine, batch 64, 15 epochs, as ``standard``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, TrainContext
+from cure_eval.methods import Method, MethodConfig
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -86,9 +85,6 @@ class TradesMethod(Method):
     fine_tunes = False
     Config = TradesConfig
 
-    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
-        super().__init__(config, ctx)
-        self.check(config)
 
     @classmethod
     def check(cls, config: MethodConfig) -> None:
@@ -99,13 +95,6 @@ class TradesMethod(Method):
         if config.steps < 0:
             raise UsageError(f"steps must be >= 0, got {config.steps}")
 
-    @classmethod
-    def make_config(cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
-                    overrides: Mapping[str, Any] | None = None) -> MethodConfig:
-        """As :meth:`Method.make_config`, then :meth:`check` (bad values fail before any training)."""
-        cfg = super().make_config(spec, model_name, preset=preset, overrides=overrides)
-        cls.check(cfg)
-        return cfg
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
