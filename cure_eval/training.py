@@ -13,6 +13,7 @@ averaged before each ``optimizer.step()``; rank 0 alone writes the files.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -159,6 +160,7 @@ def train(
     device = ctx.device
     optimizer, scheduler = method.make_optimizer(model)
     start = 0
+    history: list[dict[str, Any]] = []
     state_path, metrics_path = out / STATE_NAME, out / METRICS_NAME
     has_state = distributed.broadcast_object(resume and state_path.is_file())  # rank 0 decides
     if has_state and not state_path.is_file():
@@ -171,15 +173,18 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = int(state["epoch"])
+        history = json.loads(state["metrics"]) if "metrics" in state else []
         log.info("resuming %s from epoch %d/%d", ctx.model_name, start, cfg.epochs)
     elif not resume and main:
         for stale in (state_path, metrics_path, out / CHECKPOINT_NAME):
             stale.unlink(missing_ok=True)
     distributed.barrier()  # every rank has read the state before rank 0 rewrites metrics.jsonl
     if main:
-        # Drop metric lines of epochs that did not complete (killed between append and state save).
-        rows = [r for r in read_jsonl(metrics_path) if int(r.get("epoch", 0)) <= start]
-        write_text_atomic(metrics_path, "".join(_jsonl(r) for r in rows))
+        # The training state is the record of completed epochs: metrics.jsonl is rewritten from it,
+        # so a run killed between the two writes never keeps or loses a line.
+        if has_state and not history:  # a state written before metrics were kept in it
+            history = [r for r in read_jsonl(metrics_path) if int(r.get("epoch", 0)) <= start]
+        write_text_atomic(metrics_path, "".join(_jsonl(r) for r in history))
     averager = None
     if world > 1:
         # The optimizer is private to this call, so its hook goes with it even on an exception.
@@ -227,11 +232,12 @@ def train(
         if main:
             if probe is not None:
                 row.update(_probe(model, method, probe, device))
-            append_jsonl(metrics_path, row)
-            save_train_state(state_path, {
+            history.append(row)
+            save_train_state(state_path, {  # the epoch is complete once this file is in place
                 "epoch": epoch + 1, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "metrics": json.dumps(history),
             })
+            append_jsonl(metrics_path, row)
             info.epoch = epoch + 1
             save_checkpoint(out / CHECKPOINT_NAME, model, info)
             log.info("%s epoch %d/%d: %s", method.name, epoch + 1, cfg.epochs,
