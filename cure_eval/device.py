@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .errors import UsageError
@@ -28,3 +31,16 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
     return device
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``: reproducible draws (on the CPU
+    and on ``device`` when it is a GPU) that leave the caller's RNG state untouched."""
+    device = torch.device(device)
+    devices: list[int] = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -7,6 +7,7 @@ import torchattacks
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import seeded_rng
 from .training import eval_mode
 
 
@@ -32,8 +33,7 @@ def pgd_accuracy(
     """
     correct = 0
     atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         for i in tqdm(range(0, len(x), batch_size), desc=f"PGD({steps})", disable=not progress, leave=False):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
             adv = atk(xb, yb)

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackResult, SuiteResult, eps_sweep, run_suite
 from .data import select_points
+from .device import seeded_rng
 from .errors import UsageError
 from .training import eval_mode
 
@@ -333,17 +334,6 @@ def _model_on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         yield model
 
 
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """``torch.manual_seed(seed)`` inside ``fork_rng``: the caller's RNG state is untouched."""
-    devices: list[int] = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def _logits(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
     out = []
     with torch.no_grad():
@@ -396,7 +386,7 @@ def pgd_trajectory(
     loss_all = torch.zeros(n, steps + 1)
     fooled_all = torch.zeros(n, steps + 1, dtype=torch.bool)
     x_out = x.detach().cpu().clone()
-    with _model_on(model, dev), _seeded(seed, dev), torch.enable_grad(), \
+    with _model_on(model, dev), seeded_rng(seed, dev), torch.enable_grad(), \
             tqdm(total=n, desc=f"pgd{steps} ε={eps * 255:.3g}/255", unit="pt", disable=not progress,
                  leave=False) as bar:
         for s in range(0, n, batch_size):
@@ -662,7 +652,7 @@ def check_gradients(
     zero = torch.zeros(n, dtype=torch.bool)
     nonfinite = torch.zeros(n, dtype=torch.bool)
     broken = ""
-    with _model_on(model, dev), _seeded(seed, dev), torch.enable_grad():
+    with _model_on(model, dev), seeded_rng(seed, dev), torch.enable_grad():
         for s in range(0, n, batch_size):
             xb = x[s:s + batch_size].detach().to(dev)
             yb = y[s:s + batch_size].to(dev)

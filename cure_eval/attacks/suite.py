@@ -56,7 +56,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +65,7 @@ import torchattacks
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import seeded_rng
 from ..errors import CureEvalError, UsageError
 from .base import AttackResult, adversarial_margin
 from .pgd import MultiStepPGD
@@ -305,17 +305,6 @@ def check_adversarial(
 # --------------------------------------------------------------------------------------------
 # The runner.
 # --------------------------------------------------------------------------------------------
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """``torch.manual_seed(seed)`` without disturbing the caller's RNG state."""
-    devices: list[int] = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 @dataclass
 class _Ctx:
     model: nn.Module
@@ -423,7 +412,7 @@ def _run_pgd(
     attack = MultiStepPGD(ctx.model, eps=eps, alpha=ctx.pgd_alpha, steps=counts,
                           stop_on_success=stop_on_success)
     desc = "pgd" + "/".join(str(k) for k in counts)
-    with _seeded(ctx.seed, ctx.device), ctx.bar(desc, len(xs)) as bar:
+    with seeded_rng(ctx.seed, ctx.device), ctx.bar(desc, len(xs)) as bar:
         for sl in ctx.batches(len(xs)):
             rec = attack(xs[sl].to(ctx.device), ys[sl].to(ctx.device))
             for k in counts:

@@ -94,18 +94,6 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-@contextlib.contextmanager
-def fork_rng(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global RNG inside the block and restore the caller's RNG state afterwards.
-
-    Used around third-party code that draws from the global RNG (torchattacks' random start).
-    """
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        yield
-
-
 def to_jsonable(obj: Any) -> Any:
     """Convert tensors/arrays/numpy scalars to JSON types; NaN and ±inf become ``None``."""
     if isinstance(obj, dict):

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..device import seeded_rng
 from ..errors import UsageError
-from ._util import check_batch, check_device, eval_mode, fork_rng, generator
+from ._util import check_batch, check_device, eval_mode, generator
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def pgd_points(
     atk = torchattacks.PGD(model, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps,
                            steps=steps, random_start=True)
     atk.set_device(dev)
-    with eval_mode(model), fork_rng(seed, dev):
+    with eval_mode(model), seeded_rng(seed, dev):
         return atk(x.to(dev), y.to(dev)).detach()
 
 

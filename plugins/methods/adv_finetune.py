@@ -105,7 +105,6 @@ class AdvFinetuneMethod(Method):
     fine_tunes = True
     Config = AdvFinetuneConfig
 
-
     @classmethod
     def check(cls, config: MethodConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
@@ -116,7 +115,6 @@ class AdvFinetuneMethod(Method):
             raise UsageError(f"clean_weight must be in [0, 1], got {config.clean_weight}")
         if config.max_eps is not None and not (config.max_eps > 0 or config.max_eps == -1):
             raise UsageError(f"max_eps must be positive, -1 (the run's ε) or none, got {config.max_eps}")
-
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

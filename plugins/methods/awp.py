@@ -133,7 +133,6 @@ class AWPMethod(Method):
             raise UsageError(f"awp warmup_epochs must be >= 0, got {config.warmup_epochs}")
         _BASES[config.base][0].check(cls._base_config(config))  # type: ignore[attr-defined]
 
-
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
         return digits_or_cifar_defaults(spec)

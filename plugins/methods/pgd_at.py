@@ -120,7 +120,6 @@ class PGDATMethod(Method):
     fine_tunes = False
     Config = PGDATConfig
 
-
     @classmethod
     def check(cls, config: MethodConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
@@ -129,7 +128,6 @@ class PGDATMethod(Method):
             raise UsageError(f"attack_bn must be 'eval' or 'train', got {config.attack_bn!r}")
         if config.steps < 0:
             raise UsageError(f"steps must be >= 0, got {config.steps}")
-
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
