@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -12,23 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import CureEvalError, UsageError
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` (every submodule) in eval mode; restore each submodule's own flag afterwards.
-
-    Measurements need eval mode: BatchNorm in train mode mixes the samples of a batch (so batched
-    finite differences would couple unrelated points) and updates running statistics; dropout
-    makes the loss random.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+from ..training import eval_mode  # noqa: F401  (re-exported for the geometry modules)
 
 
 def model_device(model: nn.Module) -> torch.device | None:

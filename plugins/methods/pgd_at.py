@@ -114,6 +114,14 @@ class PGDATConfig(MethodConfig):
     attack_bn: str = "eval"
 
 
+def check_inner_attack(*, attack_bn: str, steps: int) -> None:
+    """Validate the inner-attack options shared by ``pgd_at`` and ``trades``."""
+    if attack_bn not in ("eval", "train"):
+        raise UsageError(f"attack_bn must be 'eval' or 'train', got {attack_bn!r}")
+    if steps < 0:
+        raise UsageError(f"steps must be >= 0, got {steps}")
+
+
 class PGDATMethod(Method):
     name = "pgd_at"
     description = "PGD(10) adversarial training from scratch (Madry et al. 2018)"
@@ -124,10 +132,7 @@ class PGDATMethod(Method):
     def check(cls, config: MethodConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
         assert isinstance(config, PGDATConfig)
-        if config.attack_bn not in ("eval", "train"):
-            raise UsageError(f"attack_bn must be 'eval' or 'train', got {config.attack_bn!r}")
-        if config.steps < 0:
-            raise UsageError(f"steps must be >= 0, got {config.steps}")
+        check_inner_attack(attack_bn=config.attack_bn, steps=config.steps)
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

@@ -29,11 +29,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from cure_eval_plugins.methods.pgd_at import Forward, attack_mode, digits_or_cifar_defaults
+from cure_eval_plugins.methods.pgd_at import (
+    Forward,
+    attack_mode,
+    check_inner_attack,
+    digits_or_cifar_defaults,
+)
 from torch import nn
 
 from cure_eval.data import DatasetSpec
-from cure_eval.errors import UsageError
 from cure_eval.methods import Method, MethodConfig
 
 
@@ -89,10 +93,7 @@ class TradesMethod(Method):
     def check(cls, config: MethodConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
         assert isinstance(config, TradesConfig)
-        if config.attack_bn not in ("eval", "train"):
-            raise UsageError(f"attack_bn must be 'eval' or 'train', got {config.attack_bn!r}")
-        if config.steps < 0:
-            raise UsageError(f"steps must be >= 0, got {config.steps}")
+        check_inner_attack(attack_bn=config.attack_bn, steps=config.steps)
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
