@@ -149,7 +149,7 @@ def build_parser() -> ArgumentParser:
 
     k = p.add_argument_group("checks")
     k.add_argument("--masking-check", action="store_true", help="gradient-masking checks and verdict")
-    k.add_argument("--masking-n", type=int, default=None, help="points for the masking check (default: --n)")
+    k.add_argument("--masking-n", type=int, default=None, help="points for the masking check, a seeded subset of the audited ones (default: all)")
     k.add_argument("--fail-on-masking", action="store_true", help="exit 3 when masking is suspected")
     k.add_argument("--geometry", action="store_true", help="curvature profile, Hz, Theorem 1, landscapes, WCI")
     k.add_argument("--geometry-n", type=int, default=20, help="points for the geometry measurements (default: 20)")
@@ -383,15 +383,16 @@ def _audit_with_state(
 
     if opts.masking_check:
         m_n = min(opts.masking_n or len(x), len(x))
-        settings = {"masking_n": m_n}
+        settings = {"masking_n": m_n, "points": "seeded subset"}
         masking = state.stage("masking", settings, ["masking_scatter.png"])
         if masking is None:
             from .masking import run_masking_check
 
-            report = run_masking_check(model, x[:m_n], y[:m_n], eps=eps, device=device, seed=opts.seed,
+            # a seeded subset of the audited points: the suite's FGSM, PGD(40/100) and SPSA
+            # results on them are reused, so the check adds no second SPSA run
+            report = run_masking_check(model, x, y, n=m_n, eps=eps, device=device, seed=opts.seed,
                                        pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations,
-                                       batch_size=opts.batch_size, suite=suite if m_n == len(x) else None,
-                                       progress=progress)
+                                       batch_size=opts.batch_size, suite=suite, progress=progress)
             report.plot_scatter(out / "masking_scatter.png")
             masking = state.put_stage("masking", settings, report.to_dict())
             log.info("\n%s\n", report.format_table())

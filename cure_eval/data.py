@@ -184,7 +184,8 @@ def _load_svhn(root: Path, split: str, download: bool) -> tuple[torch.Tensor, to
     if not download and not (root / filename).is_file():
         raise _missing("SVHN", root, filename)
     try:
-        ds = _SVHN(str(root), split=split, download=download)
+        # torchvision's SVHN.download fetches even when the file is there: only when it is missing
+        ds = _SVHN(str(root), split=split, download=download and not (root / filename).is_file())
     except RuntimeError as exc:
         raise _missing("SVHN", root, filename) from exc
     except Exception as exc:

@@ -78,6 +78,8 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--epochs", type=int, default=None, help="epochs of the method (default: the method's)")
     m.add_argument("--pretrain-epochs", type=int, default=None, help="epochs of the normal model (default: standard's)")
     m.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the method's)")
+    m.add_argument("--pretrain-batch-size", type=int, default=None,
+                   help="batch size of the normal model (default: standard's)")
     m.add_argument("--list-methods", action="store_true", help="list the installed methods and exit")
 
     d = p.add_argument_group("data and evaluation")
@@ -118,7 +120,7 @@ def _main(argv: Sequence[str] | None) -> int:
         for name in list_methods():
             log.warning("%-14s %s", name, get_method(name).description)
         return 0
-    for flag in ("epochs", "pretrain_epochs", "batch_size", "eval_n", "train_n"):
+    for flag in ("epochs", "pretrain_epochs", "batch_size", "pretrain_batch_size", "eval_n", "train_n"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -135,8 +137,9 @@ def _main(argv: Sequence[str] | None) -> int:
             overrides[key] = flag
     method_cfg = method_cls.make_config(spec, mcfg.name, preset=args.preset, overrides=overrides)
     std_over: dict[str, Any] = {}
-    if args.pretrain_epochs is not None:
-        std_over["epochs"] = args.pretrain_epochs
+    for key, flag in (("epochs", args.pretrain_epochs), ("batch_size", args.pretrain_batch_size)):
+        if flag is not None:
+            std_over[key] = flag
     std_cfg = standard_cls.make_config(spec, mcfg.name, overrides=std_over)
     device = distributed.setup(resolve_device(args.device))  # this rank's device under torchrun
     try:

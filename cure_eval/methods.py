@@ -251,7 +251,8 @@ def _coerce(raw: str, default: Any, key: str, declared: str = "") -> Any:
         if isinstance(default, float):
             return float(raw)
         if isinstance(default, tuple):
-            return tuple(int(v) for v in raw.split(",") if v)
+            conv = float if "float" in declared else int
+            return tuple(conv(v) for v in raw.split(",") if v)
     except ValueError:
         raise UsageError(f"--method-arg {key}={raw!r}: expected a {type(default).__name__}") from None
     return raw

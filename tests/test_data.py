@@ -3,7 +3,6 @@ written here in torchvision's on-disk formats."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,8 @@ import torch
 
 from cure_eval.data import check_images, get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError, UsageError
+
+from .datafiles import write_cifar10
 
 
 def test_digits_split_is_fixed_and_disjoint() -> None:
@@ -38,25 +39,8 @@ def test_select_points_is_seeded_and_validated() -> None:
         select_points(360, 361, seed=0)
 
 
-def _write_cifar(root: Path, n_per_batch: int = 6) -> np.ndarray:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    first = None
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
-        first = data if first is None else first
-        with open(folder / name, "wb") as fh:
-            pickle.dump({"batch_label": name, "labels": list(range(n_per_batch)), "data": data,
-                         "filenames": [f"{i}.png" for i in range(n_per_batch)]}, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": list(get_dataset_spec("cifar10").class_names), "num_vis": 3072}, fh)
-    assert first is not None
-    return first
-
-
 def test_cifar10_loader_reads_torchvision_format(tmp_path: Path) -> None:
-    first = _write_cifar(tmp_path)
+    first = write_cifar10(tmp_path)
     train = load_dataset("cifar10", "train", data_dir=tmp_path)
     test = load_dataset("cifar10", "test", data_dir=tmp_path)
     assert len(train) == 30 and len(test) == 6
@@ -90,7 +74,7 @@ def test_missing_data_offline_gives_one_line_error(tmp_path: Path, name: str) ->
 
 
 def test_corrupt_cifar_file_is_reported(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(CureEvalError, match="unreadable"):
         load_dataset("cifar10", "test", data_dir=tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -107,3 +108,36 @@ def test_cure_h_ramp() -> None:
         m.start_epoch(e)
         hs.append(m.current_h)  # type: ignore[attr-defined]
     assert hs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_cure_gamma_schedule_svhn_paper() -> None:
+    """SVHN: γ = 4, 8, 12 for 10, 5, 5 epochs (paper §4); a scheduled step equals a constant-γ step."""
+    from cure_eval.methods import TrainContext
+
+    spec = get_dataset_spec("svhn")
+    cure = get_method("cure")
+    ctx = TrainContext(spec=spec, eps=12 / 255, model_name="m", device=torch.device("cpu"), epochs=20, steps_per_epoch=1)
+    cfg = cure.make_config(spec, "cifar_resnet18", preset="paper")
+    m = cure(cfg, ctx)
+    gammas = []
+    for e in range(cfg.epochs):
+        m.start_epoch(e)
+        gammas.append(m.current_gamma)  # type: ignore[attr-defined]
+    assert gammas == [4.0] * 10 + [8.0] * 5 + [12.0] * 5
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.Softplus(), nn.Linear(16, 10))
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    nets = [net, copy.deepcopy(net)]
+    const = cure(cure.make_config(spec, "cifar_resnet18", preset="paper",
+                                  overrides={"gamma": 12.0, "gamma_milestones": (), "gamma_values": ()}), ctx)
+    for meth, model in zip((m, const), nets, strict=True):
+        meth.start_epoch(16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stats = meth.step(model, opt, x, y)
+        assert stats["gamma"] == 12.0
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(UsageError, match="same length"):
+        parse_and_make = parse_method_args(cure, ["gamma_milestones=3", "gamma_values=1,2"])
+        cure.make_config(spec, "cifar_resnet18", overrides=parse_and_make)

@@ -15,6 +15,7 @@ from torch import nn
 
 from cure_eval.cure import cure_terms
 from cure_eval.data import DatasetSpec
+from cure_eval.errors import UsageError
 from cure_eval.geometry import curvature_summaries
 from cure_eval.methods import Method, MethodConfig
 
@@ -28,6 +29,9 @@ class CureConfig(MethodConfig):
         h: final ℓ2 step length in [0, 1] pixel space (dataset default; CIFAR 0.6 = the reference
             code's h = 3 in normalised units).
         h_ramp_epochs: epochs over which ``h`` grows linearly to its final value (paper: 5).
+        gamma_milestones, gamma_values: γ becomes ``gamma_values[i]`` from epoch
+            ``gamma_milestones[i]`` on (0-based; default: constant γ). SVHN default: the paper's
+            γ = 4, 8, 12 for 10, 5, 5 epochs.
         squared: ``||Δg||²`` as in the paper (True) or ``||Δg||`` as in the reference code.
         bn_mode: BatchNorm in the regulariser passes: ``eval`` (default; running statistics as in
             the reference code, 3 forwards per step), ``train`` (batch statistics, 2 forwards; the
@@ -40,6 +44,8 @@ class CureConfig(MethodConfig):
     """
 
     gamma: float = 4.0
+    gamma_milestones: tuple[int, ...] = ()
+    gamma_values: tuple[float, ...] = ()
     h: float = 0.6
     h_ramp_epochs: int = 5
     squared: bool = True
@@ -74,7 +80,21 @@ class CureMethod(Method):
         else:
             base.update(cls.presets()["paper"])
             base["gamma"] = 8.0 if wide else 4.0
+        if spec.name == "svhn":  # paper §4: γ = 4, 8, 12 for 10, 5, 5 epochs
+            base.update({"gamma_milestones": (10, 15), "gamma_values": (8.0, 12.0)})
         return base
+
+    @classmethod
+    def check(cls, config: MethodConfig) -> None:
+        """Refuse invalid option values with a one-line :class:`UsageError`."""
+        assert isinstance(config, CureConfig)
+        if config.bn_mode not in ("eval", "train", "frozen"):
+            raise UsageError(f"bn_mode must be 'eval', 'train' or 'frozen', got {config.bn_mode!r}")
+        if len(config.gamma_milestones) != len(config.gamma_values):
+            raise UsageError(f"gamma_milestones {config.gamma_milestones} and gamma_values {config.gamma_values} "
+                             "must have the same length")
+        if list(config.gamma_milestones) != sorted(set(config.gamma_milestones)):
+            raise UsageError(f"gamma_milestones must be increasing, got {config.gamma_milestones}")
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
@@ -99,17 +119,28 @@ class CureMethod(Method):
             return c.h
         return c.h * min(1.0, (self.epoch + 1) / c.h_ramp_epochs)
 
+    @property
+    def current_gamma(self) -> float:
+        c = self.config
+        assert isinstance(c, CureConfig)
+        gamma = c.gamma
+        for start, value in zip(c.gamma_milestones, c.gamma_values, strict=True):
+            if self.epoch >= start:
+                gamma = value
+        return gamma
+
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         c = self.config
         assert isinstance(c, CureConfig)
         terms = cure_terms(model, x, y, h=self.current_h, squared=c.squared, bn_mode=c.bn_mode)  # type: ignore[arg-type]
-        total = terms.loss + c.gamma * terms.reg
+        total = terms.loss + self.current_gamma * terms.reg
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         acc = (terms.logits.argmax(1) == y).float().mean()
         return {"loss": float(terms.loss.detach()), "regularizer": float(terms.reg.detach()),
-                "train_acc": float(acc), "h": self.current_h}
+                "train_acc": float(acc), "h": self.current_h,
+                "gamma": self.current_gamma}
 
     def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         c = self.config
