@@ -269,6 +269,10 @@ def render_report(results: dict[str, Any], *, argv_text: str, out: Path) -> str:
         "",
         "![curvature profiles](profiles.png)",
         "",
+        "The profiles are the sorted eigenvalues of the pixel-basis finite-difference Hessian at step h "
+        "(mean over points); λ_max comes from Lanczos along dense directions, the kind CURE regularises. "
+        "On ReLU networks at finite h the two differ by construction (`cure_eval.geometry.spectrum`).",
+        "",
         tabulate([[n, f"{a['geometry']['top_eigenvalues'][0]:.4g}", f"{a['geometry']['hz_norm']:.4g}",
                    f"{a['geometry']['frobenius']:.4g}", f"{a['geometry']['alignment']:.3f}", f"{a['geometry']['wci']:.4g}"]
                   for n, a in audits.items() if "geometry" in a],
@@ -278,7 +282,8 @@ def render_report(results: dict[str, Any], *, argv_text: str, out: Path) -> str:
         "## Gradient masking (paper Fig. 7)",
         "",
         tabulate([[n, a.get("masking", {}).get("verdict", "-"),
-                   ", ".join(f["name"] for f in a.get("masking", {}).get("findings", []) if f["status"] != "PASS") or "none"]
+                   ", ".join(f"{f['name']} ({f['status']})" for f in a.get("masking", {}).get("findings", [])
+                             if f["status"] != "PASS") or "none"]
                   for n, a in audits.items()], headers=["method", "verdict", "findings not PASS"], tablefmt="github"),
         "",
     ]
