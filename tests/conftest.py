@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before torch is imported: idle OpenMP threads must not spin on a shared 2-core machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the timm models)
@@ -63,3 +65,46 @@ def trained_digits_model(digits_train: tuple[torch.Tensor, torch.Tensor]) -> Nor
     model = NormalizedModel(small_cnn(), spec.mean, spec.std)
     x, y = digits_train
     return train_plain(model, x, y)
+
+
+# A model factory file for `audit --model file.py:build` (and two broken ones for error paths).
+FACTORY = """
+import torch
+from torch import nn
+from cure_eval.models import NormalizedModel
+from cure_eval.data import get_dataset_spec
+
+def build():
+    spec = get_dataset_spec("digits")
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+    return NormalizedModel(net, spec.mean, spec.std)
+
+def nan_model():
+    class NaN(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 10), float("nan"))
+    return NaN()
+
+def raises():
+    raise RuntimeError("cannot build: weights server down")
+"""
+
+
+@pytest.fixture(scope="session")
+def factory_and_weights(tmp_path_factory: pytest.TempPathFactory, trained_digits_model: torch.nn.Module) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("factory")
+    (d / "mymodel.py").write_text(FACTORY)
+    weights = d / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in trained_digits_model.state_dict().items()}, str(weights))
+    return d / "mymodel.py", weights
+
+
+@pytest.fixture(scope="session")
+def factory_argv(factory_and_weights: tuple[Path, Path]) -> list[str]:
+    """Audit arguments selecting FACTORY's ``build`` with the trained weights."""
+    path, weights = factory_and_weights
+    return ["--model", f"{path}:build", "--weights", str(weights)]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchattacks
-from safetensors.torch import save_file
 
 from cure_eval.audit import main
 from cure_eval.checkpoint import CheckpointInfo, save_checkpoint
@@ -17,40 +16,6 @@ from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.models import create_model, model_config_for
 
 from .conftest import train_plain
-
-FACTORY = """
-import torch
-from torch import nn
-from cure_eval.models import NormalizedModel
-from cure_eval.data import get_dataset_spec
-
-def build():
-    spec = get_dataset_spec("digits")
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-    return NormalizedModel(net, spec.mean, spec.std)
-
-def nan_model():
-    class NaN(nn.Module):
-        def forward(self, x):
-            return torch.full((x.shape[0], 10), float("nan"))
-    return NaN()
-
-def raises():
-    raise RuntimeError("cannot build: weights server down")
-"""
-
-
-@pytest.fixture(scope="module")
-def factory_and_weights(tmp_path_factory: pytest.TempPathFactory, trained_digits_model: torch.nn.Module) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("factory")
-    (d / "mymodel.py").write_text(FACTORY)
-    weights = d / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in trained_digits_model.state_dict().items()}, str(weights))
-    return d / "mymodel.py", weights
 
 
 @pytest.fixture(scope="module")

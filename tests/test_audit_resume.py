@@ -21,20 +21,9 @@ from cure_eval.attacks import run_suite
 from cure_eval.audit import main
 from cure_eval.data import load_dataset, select_points
 
-from .test_audit_cli import FACTORY
-
 REPO = Path(__file__).resolve().parents[1]
 # 40 points in 5 chunks of 8; SPSA long enough per chunk to be killed in the middle.
 ARGS = ["--n", "40", "--batch-size", "8", "--spsa-iterations", "60", "--seed", "3", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def factory(tmp_path_factory: pytest.TempPathFactory, trained_digits_model: torch.nn.Module) -> list[str]:
-    d = tmp_path_factory.mktemp("factory")
-    (d / "mymodel.py").write_text(FACTORY)
-    weights = d / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in trained_digits_model.state_dict().items()}, str(weights))
-    return ["--model", f"{d / 'mymodel.py'}:build", "--weights", str(weights)]
 
 
 def without_seconds(obj: Any) -> Any:
@@ -60,10 +49,10 @@ def assert_same_audit(a: Path, b: Path) -> None:
     assert without_seconds(ra) == without_seconds(rb)
 
 
-def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory: list[str],
+def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory_argv: list[str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "cure_eval.audit", *factory, *ARGS, "--out", str(out)]
+    cmd = [sys.executable, "-m", "cure_eval.audit", *factory_argv, *ARGS, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
@@ -85,7 +74,7 @@ def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory: list[str],
     (out / ".audit_state.json.torn.tmp").write_text("{")  # a torn write of the killed run
 
     capsys.readouterr()
-    assert main([*factory, *ARGS, "--out", str(out)]) == 0
+    assert main([*factory_argv, *ARGS, "--out", str(out)]) == 0
     log = capsys.readouterr().err
     assert f"reusing {len(done)} finished units of 30" in log
     computed = computed_units(log)
@@ -94,21 +83,21 @@ def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory: list[str],
     assert not (out / ".audit_state.json.torn.tmp").exists()
 
     ref = tmp_path / "uninterrupted"
-    assert main([*factory, *ARGS, "--out", str(ref)]) == 0
+    assert main([*factory_argv, *ARGS, "--out", str(ref)]) == 0
     assert_same_audit(out, ref)
     state = json.loads((out / "audit_state.json").read_text())
     assert state["complete"] is True
 
 
-def test_changed_settings_are_refused_and_restart_discards(tmp_path: Path, factory: list[str],
+def test_changed_settings_are_refused_and_restart_discards(tmp_path: Path, factory_argv: list[str],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "a"
 
-    def argv(weights: str = factory[3], **changed: str) -> list[str]:
+    def argv(weights: str = factory_argv[3], **changed: str) -> list[str]:
         opts = {"--n": "16", "--batch-size": "8", "--attacks": "fgsm,pgd7", "--seed": "0", "--eps": "32",
                 **{f"--{k.replace('_', '-')}": v for k, v in changed.items()}}
         flags = [f for k, v in opts.items() for f in ((k,) if v == "" else (k, v))]
-        return [*factory[:3], weights, *flags, "--no-progress", "--out", str(out)]
+        return [*factory_argv[:3], weights, *flags, "--no-progress", "--out", str(out)]
 
     assert main(argv()) == 0
     state_before = (out / "audit_state.json").read_bytes()
@@ -137,7 +126,7 @@ def test_changed_settings_are_refused_and_restart_discards(tmp_path: Path, facto
 
     # other weights, same factory: the model's hash differs
     other = tmp_path / "other.safetensors"
-    w = load_file(factory[3])
+    w = load_file(factory_argv[3])
     save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in w.items()}, str(other))
     assert main(argv(weights=str(other))) == 1
     assert "(model: state_sha256 differ)" in capsys.readouterr().err
@@ -149,7 +138,7 @@ def test_changed_settings_are_refused_and_restart_discards(tmp_path: Path, facto
     assert json.loads((out / "results.json").read_text())["eps"] == pytest.approx(16 / 255)
 
 
-def test_a_running_audit_is_not_joined(tmp_path: Path, factory: list[str],
+def test_a_running_audit_is_not_joined(tmp_path: Path, factory_argv: list[str],
                                        capsys: pytest.CaptureFixture[str]) -> None:
     """Two audits never write into one folder: the second is refused while the first runs."""
     out = tmp_path / "a"
@@ -161,7 +150,7 @@ def test_a_running_audit_is_not_joined(tmp_path: Path, factory: list[str],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        argv = [*factory, "--n", "8", "--attacks", "fgsm", "--no-progress", "--out", str(out)]
+        argv = [*factory_argv, "--n", "8", "--attacks", "fgsm", "--no-progress", "--out", str(out)]
         assert main(argv) == 1
         assert "another audit is running in" in capsys.readouterr().err
         assert not (out / "audit_state.json").exists() and not (out / "config.json").exists()
@@ -171,21 +160,21 @@ def test_a_running_audit_is_not_joined(tmp_path: Path, factory: list[str],
     assert main(argv) == 0  # the lock died with its process
 
 
-def test_unreadable_state_is_refused(tmp_path: Path, factory: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_state_is_refused(tmp_path: Path, factory_argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "a"
     out.mkdir()
     (out / "audit_state.json").write_text("{not json")
-    argv = [*factory, "--n", "8", "--attacks", "fgsm", "--no-progress", "--out", str(out)]
+    argv = [*factory_argv, "--n", "8", "--attacks", "fgsm", "--no-progress", "--out", str(out)]
     assert main(argv) == 1
     assert "not a readable audit state" in capsys.readouterr().err
     assert main([*argv, "--restart"]) == 0
 
 
 @pytest.mark.parametrize("cascade", [False, True])
-def test_resume_from_any_subset_of_units(tmp_path: Path, factory: list[str], cascade: bool,
+def test_resume_from_any_subset_of_units(tmp_path: Path, factory_argv: list[str], cascade: bool,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A crash leaves some finished units: whichever they are, the resumed audit is the same."""
-    argv = [*factory, "--n", "24", "--batch-size", "8", "--spsa-iterations", "10", "--no-progress",
+    argv = [*factory_argv, "--n", "24", "--batch-size", "8", "--spsa-iterations", "10", "--no-progress",
             *(["--cascade"] if cascade else [])]
     ref = tmp_path / "ref"
     assert main([*argv, "--out", str(ref)]) == 0
@@ -201,10 +190,10 @@ def test_resume_from_any_subset_of_units(tmp_path: Path, factory: list[str], cas
     assert_same_audit(out, ref)
 
 
-def test_one_chunk_equals_run_suite(tmp_path: Path, factory: list[str], trained_digits_model: torch.nn.Module) -> None:
+def test_one_chunk_equals_run_suite(tmp_path: Path, factory_argv: list[str], trained_digits_model: torch.nn.Module) -> None:
     """Up to --batch-size points the audit is one run_suite call: its numbers are bit-identical."""
     out = tmp_path / "a"
-    assert main([*factory, "--n", "30", "--spsa-iterations", "10", "--seed", "7", "--no-progress",
+    assert main([*factory_argv, "--n", "30", "--spsa-iterations", "10", "--seed", "7", "--no-progress",
                  "--out", str(out)]) == 0
     test = load_dataset("digits", "test")
     idx = select_points(len(test), 30, 7)

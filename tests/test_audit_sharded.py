@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torchattacks
-from safetensors.torch import save_file
 
 from cure_eval.audit import main
 from cure_eval.audit_state import PGD_SEED_STRIDE, Shard, shard_from_env
 from cure_eval.data import load_dataset, select_points
 from cure_eval.errors import CureEvalError
 
-from .test_audit_cli import FACTORY
 from .test_audit_resume import assert_same_audit, computed_units
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +31,11 @@ ARGS = ["--n-points", "40", "--batch-size", "8", "--spsa-iterations", "20", "--s
 
 
 @pytest.fixture(scope="module")
-def factory(tmp_path_factory: pytest.TempPathFactory, trained_digits_model: torch.nn.Module) -> list[str]:
-    d = tmp_path_factory.mktemp("factory")
-    (d / "mymodel.py").write_text(FACTORY)
-    weights = d / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in trained_digits_model.state_dict().items()}, str(weights))
-    return ["--model", f"{d / 'mymodel.py'}:build", "--weights", str(weights)]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory: pytest.TempPathFactory, factory: list[str]) -> Path:
+def sharded(tmp_path_factory: pytest.TempPathFactory, factory_argv: list[str]) -> Path:
     out = tmp_path_factory.mktemp("sharded") / "audit"
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node=2", "-m", "cure_eval.audit", *factory, *ARGS,
+    cmd = [*launcher, "--standalone", "--nproc_per_node=2", "-m", "cure_eval.audit", *factory_argv, *ARGS,
            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -55,7 +44,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory, factory: list[str]) -> Pat
     return out
 
 
-def test_two_processes_equal_one(tmp_path: Path, factory: list[str], sharded: Path) -> None:
+def test_two_processes_equal_one(tmp_path: Path, factory_argv: list[str], sharded: Path) -> None:
     log = (sharded.parent / "stderr.txt").read_text()
     assert "rank 0 of 2: chunks 0,2,4 of 5 (24 points)" in log
     # rank 0 computed its own chunks; rank 1's came through the gather
@@ -69,14 +58,14 @@ def test_two_processes_equal_one(tmp_path: Path, factory: list[str], sharded: Pa
         "results.json", "results.md"]
 
     single = tmp_path / "single"
-    assert main([*factory, *ARGS, "--out", str(single)]) == 0
+    assert main([*factory_argv, *ARGS, "--out", str(single)]) == 0
     assert_same_audit(sharded, single)  # per_sample.csv byte for byte, results.json but seconds
     assert (sharded / "eps_sweep.json").read_text() == (single / "eps_sweep.json").read_text()
     res = json.loads((sharded / "results.json").read_text())
     assert res["n"] == 40 and set(res["attacks"]) >= {"pgd100", "spsa", "deepfool_l2"}
 
 
-def test_a_sharded_state_resumes_in_one_process(tmp_path: Path, factory: list[str], sharded: Path,
+def test_a_sharded_state_resumes_in_one_process(tmp_path: Path, factory_argv: list[str], sharded: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Killed mid-way, a 2-process audit leaves one state file per rank; any number of processes
     resumes from them."""
@@ -89,7 +78,7 @@ def test_a_sharded_state_resumes_in_one_process(tmp_path: Path, factory: list[st
         (out / name).write_text(json.dumps({**state, "units": part, "stages": {}, "complete": False}))
     shutil.copy(sharded / "config.json", out / "config.json")
     capsys.readouterr()
-    assert main([*factory, *ARGS, "--out", str(out)]) == 0
+    assert main([*factory_argv, *ARGS, "--out", str(out)]) == 0
     log = capsys.readouterr().err
     assert computed_units(log) == {"spsa/0", "spsa/2", "spsa/3", "spsa/4"}
     assert re.search(r"resuming from audit_state.json, audit_state.rank1.json: reusing 26 finished units", log)
@@ -109,12 +98,12 @@ def test_environment_without_torchrun_is_refused() -> None:
     assert Shard().device(torch.device("cuda")) == torch.device("cuda")
 
 
-def test_pgd_random_start_is_seeded_per_chunk(tmp_path: Path, factory: list[str],
+def test_pgd_random_start_is_seeded_per_chunk(tmp_path: Path, factory_argv: list[str],
                                               trained_digits_model: torch.nn.Module) -> None:
     """Chunk k's PGD is torchattacks.PGD on the chunk's clean-correct points after
     torch.manual_seed(seed + 1000003·k): whichever process runs it, whenever."""
     out = tmp_path / "a"
-    assert main([*factory, "--n", "20", "--batch-size", "8", "--attacks", "pgd20", "--seed", "4", "--no-progress",
+    assert main([*factory_argv, "--n", "20", "--batch-size", "8", "--attacks", "pgd20", "--seed", "4", "--no-progress",
                  "--out", str(out)]) == 0
     rows = [r for r in csv.DictReader((out / "per_sample.csv").open()) if r["attack"] == "pgd20"]
     test = load_dataset("digits", "test")
