@@ -1,33 +1,68 @@
 """The CURE regulariser (Moosavi-Dezfooli et al., CVPR 2019, https://arxiv.org/abs/1811.09716, §4).
 
-``L_r = ||∇ℓ(x + h z) − ∇ℓ(x)||²`` with ``z = sign(∇ℓ(x)) / ||sign(∇ℓ(x))||₂`` (per sample,
-detached) and ``ℓ`` the per-sample cross-entropy as a function of the [0, 1] input. Both input
-gradients are built with ``create_graph=True`` so that ``ℓ + γ L_r`` can be minimised over the
-weights (double backprop); without it the regulariser gives the weights no gradient at all.
+``L_r = ||∇ℓ(u + h z) − ∇ℓ(u)||²`` with ``z = sign(∇ℓ(u)) / ||sign(∇ℓ(u))||₂`` (per sample,
+detached) and ``ℓ`` the per-sample cross-entropy. Both input gradients are built with
+``create_graph=True`` so that ``ℓ + γ L_r`` can be minimised over the weights (double backprop);
+without it the regulariser gives the weights no gradient at all.
 
-Units: ``z`` has unit ℓ2 norm, so ``h`` is the ℓ2 length of the finite-difference step in [0, 1]
-pixel space. The reference code's ``h = 3`` in CIFAR-normalised units is ``h ≈ 0.6`` here.
+**Units.** ``u`` is the *normalised* input, the tensor the network sees after the model's own
+normalisation layer (``NormalizedModel.normalize``: ``u = (x − mean) / std``); for a model without
+one, ``u`` is the [0, 1] image. This is what the reference code (F-Salehi/CURE_robustness,
+``CURE/CURE.py``) differentiates, so ``h`` and ``γ`` mean exactly what they mean there and in the
+paper's recipe: ``h = 3`` on CIFAR-10 is the reference code's ``h = 3`` (an ℓ2 step of ≈ 0.6 in
+[0, 1] pixel space) and ``γ = 4`` weighs the same ``||Δg||`` the reference's ``λ = 4`` weighs.
+Gradients w.r.t. the [0, 1] image are ``1/std`` (≈ 5 on CIFAR) times larger, so a regulariser in
+pixel units with the paper's γ would regularise ≈ 5× (unsquared) or ≈ 25× (squared) harder.
+:func:`pixel_step` converts ``h`` to an ℓ2 length in [0, 1] space (for the geometry measurements,
+which live there).
+
+**BatchNorm and dropout** (``bn_mode``), as the reference code and its later branch do them:
+
+* ``eval`` (default, the reference code ``master``): the loss forward at ``x`` in the model's own
+  mode (batch statistics, running statistics updated once); the two regulariser passes with the
+  *whole network* in eval mode (running statistics, dropout off: the reference's ``net.eval()``).
+  Three forwards per step.
+* ``quick_fix`` (the first author's later branch ``quick_fix``, ported exactly): the loss forward
+  as above; ``z`` from an eval-mode gradient at ``x``; the two regulariser passes (``x + hz`` then
+  ``x``) in train mode, with batch statistics and each updating the running statistics (three
+  updates per step). Four forwards per step.
+* ``train`` (this project's own variant, in no reference code): batch statistics everywhere; the
+  loss forward at ``x`` is shared with ``∇ℓ(x)`` (it alone updates the running statistics), the
+  ``x + hz`` pass uses the batch statistics of the perturbed batch without updating the running
+  statistics. Two forwards per step.
+* ``frozen`` (this project's own variant): running statistics everywhere and never updated
+  (BatchNorm a fixed affine map, common when fine-tuning). Two forwards, the cheapest double
+  backward.
+
+In ``train``, ``frozen`` and ``quick_fix`` the regulariser passes run with dropout active: the two
+gradients would see different dropout masks and the regulariser would measure the masks, not the
+curvature, so those modes refuse a model with active dropout (use ``eval``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-BNMode = Literal["train", "eval", "frozen"]
+from .errors import UsageError
+from .models import NormalizedModel
+
+BNMode = Literal["eval", "quick_fix", "train", "frozen"]
+BN_MODES: tuple[str, ...] = get_args(BNMode)
 
 
 @dataclass
 class CureTerms:
     """Outputs of one CURE evaluation on a batch."""
 
-    loss: torch.Tensor  # mean cross-entropy at x (train-mode forward)
+    loss: torch.Tensor  # mean cross-entropy at x (the loss forward)
     reg: torch.Tensor  # mean over the batch of the per-sample regulariser
     reg_per_sample: torch.Tensor
     logits: torch.Tensor  # logits at x from the loss forward (for accuracy bookkeeping)
@@ -64,6 +99,66 @@ def bn_eval(model: nn.Module) -> Iterator[None]:
             m.train()
 
 
+@contextlib.contextmanager
+def whole_eval(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (the reference's ``net.eval()``); each one's mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the dropout modules (``nn.Dropout*``, timm's ``DropPath``) active in ``model``.
+
+    Functional dropout inside a ``forward`` (``F.dropout(..., training=self.training)``) is found
+    through the module's ``drop_rate`` attribute, the convention of timm and of this project's models.
+    """
+    found = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else None
+        if p is None:
+            p = getattr(m, "drop_prob", None) if type(m).__name__ == "DropPath" else None
+        if p is None and isinstance(getattr(m, "drop_rate", None), (int, float)):
+            p = m.drop_rate
+        if p:
+            found.append(name or type(m).__name__)
+    return found
+
+
+def split_normalization(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """``(normalize, network)`` with ``model(x) == network(normalize(x))``.
+
+    A :class:`~cure_eval.models.NormalizedModel` splits into its normalisation and its network;
+    any other model is its own network on the [0, 1] image (identity normalisation).
+    """
+    if isinstance(model, NormalizedModel):
+        return model.normalize, model.model
+    return (lambda x: x), model
+
+
+def input_std(model: nn.Module) -> torch.Tensor | None:
+    """Per-channel std of the model's normalisation layer, or None when it has none."""
+    return model.normalize.std.detach().flatten() if isinstance(model, NormalizedModel) else None
+
+
+def pixel_step(model: nn.Module, h: float) -> float:
+    """The ℓ2 length in [0, 1] pixel space of a CURE step of length ``h`` in normalised units.
+
+    ``u + h z`` is ``x + h·std⊙z``; with every entry of ``z = sign(g)/||sign(g)||`` nonzero,
+    ``||std⊙z||₂`` is the root mean square of the per-channel std (exact for one channel).
+    """
+    std = input_std(model)
+    if std is None:
+        return float(h)
+    return float(h) * math.sqrt(float(std.double().pow(2).mean()))
+
+
 def input_gradient(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,6 +178,19 @@ def cure_direction(grad: torch.Tensor) -> torch.Tensor:
     return s / norm.view(-1, *([1] * (s.dim() - 1)))
 
 
+def check_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Refuse an unknown ``bn_mode``, or active dropout in a mode whose passes would sample it."""
+    if bn_mode not in BN_MODES:
+        raise UsageError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+    if bn_mode != "eval":
+        dropout = active_dropout(model)
+        if dropout:
+            raise UsageError(
+                f"bn_mode={bn_mode} runs the regulariser passes with dropout active ({', '.join(dropout[:3])}): "
+                "the two gradients would use different dropout masks; use bn_mode=eval or a model without dropout"
+            )
+
+
 def cure_terms(
     model: nn.Module,
     x: torch.Tensor,
@@ -97,37 +205,42 @@ def cure_terms(
 
     Args:
         model: maps [0, 1] images to logits; used in its current mode for the loss forward.
-        x, y: batch of images and labels.
-        h: ℓ2 length of the finite-difference step in [0, 1] pixel space.
+        x, y: batch of [0, 1] images and labels.
+        h: ℓ2 length of the finite-difference step in *normalised* input units (module docstring).
         squared: penalise ``||Δg||²`` (paper, default) or ``||Δg||`` (reference code).
-        bn_mode: BatchNorm in the regulariser passes.
-            ``"eval"`` (default): running statistics in the regulariser passes, batch statistics
-            for the loss, as the reference code does: a separate forward at ``x``, three forwards.
-            ``"train"``: batch statistics everywhere; the loss forward is shared with ``∇ℓ(x)``:
-            two forwards per step; the ``x + hz`` pass does not update the running statistics.
-            ``"frozen"``: running statistics everywhere and never updated (BatchNorm is a fixed
-            affine map, as is common when fine-tuning): two forwards, and the cheapest double
-            backward because BatchNorm's second derivative vanishes.
+        bn_mode: BatchNorm and dropout in the regulariser passes: ``eval`` (default), ``quick_fix``,
+            ``train`` or ``frozen`` (module docstring).
         create_graph: keep the graph of the input gradients (must be True for training; False
             only for measuring).
     """
-    if bn_mode not in ("train", "eval", "frozen"):
-        raise ValueError(f"bn_mode must be 'train', 'eval' or 'frozen', got {bn_mode!r}")
-    x = x.detach().requires_grad_(True)
+    check_bn_mode(model, bn_mode)
+    normalize, net = split_normalization(model)
+    u = normalize(x.detach()).detach()
     if bn_mode in ("train", "frozen"):
-        with bn_eval(model) if bn_mode == "frozen" else contextlib.nullcontext():
-            grad, loss_vec, logits = input_gradient(model, x, y, create_graph=create_graph)
+        with bn_eval(net) if bn_mode == "frozen" else contextlib.nullcontext():
+            grad, loss_vec, logits = input_gradient(net, u, y, create_graph=create_graph)
             z = cure_direction(grad)
-            with frozen_bn_stats(model):
-                grad_h, _, _ = input_gradient(model, x.detach() + h * z, y, create_graph=create_graph)
-    else:
-        logits = model(x.detach())  # the loss needs no input gradient
+            with frozen_bn_stats(net):
+                grad_h, _, _ = input_gradient(net, u + h * z, y, create_graph=create_graph)
+        diff = grad_h - grad
+    elif bn_mode == "quick_fix":
+        logits = net(u)
         loss_vec = F.cross_entropy(logits, y, reduction="none")
-        with bn_eval(model):
-            grad, _, _ = input_gradient(model, x.detach(), y, create_graph=create_graph)
+        with whole_eval(net):
+            z = cure_direction(input_gradient(net, u, y, create_graph=False)[0])
+        u_req = u.clone().requires_grad_(True)
+        # The branch: one autograd.grad of (ℓ(x + hz) − ℓ(x)), both passes in train mode.
+        pos = F.cross_entropy(net(u_req + h * z), y, reduction="none")
+        orig = F.cross_entropy(net(u_req), y, reduction="none")
+        (diff,) = torch.autograd.grad((pos - orig).sum(), u_req, create_graph=create_graph)
+    else:
+        logits = net(u)  # the loss needs no input gradient
+        loss_vec = F.cross_entropy(logits, y, reduction="none")
+        with whole_eval(net):
+            grad, _, _ = input_gradient(net, u, y, create_graph=create_graph)
             z = cure_direction(grad)
-            grad_h, _, _ = input_gradient(model, x.detach() + h * z, y, create_graph=create_graph)
-    diff = (grad_h - grad).flatten(1)
-    sq = diff.pow(2).sum(dim=1)
+            grad_h, _, _ = input_gradient(net, u + h * z, y, create_graph=create_graph)
+        diff = grad_h - grad
+    sq = diff.flatten(1).pow(2).sum(dim=1)
     reg_vec = sq if squared else torch.sqrt(sq + 1e-12)
     return CureTerms(loss=loss_vec.mean(), reg=reg_vec.mean(), reg_per_sample=reg_vec, logits=logits)

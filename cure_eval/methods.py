@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 METHOD_ENTRY_POINT_GROUP = "cure_eval.methods"
 
 
+#: What :meth:`Method.step` returns: metric name → float or 0-dim tensor.
+StepStats = dict[str, float | torch.Tensor]
+
+
 @dataclass
 class MethodConfig:
     """Hyperparameters shared by every method; subclasses add their own fields."""
@@ -157,8 +161,13 @@ class Method(ABC):
         self.epoch = epoch
 
     @abstractmethod
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a batch of [0, 1] images. Returns scalar metrics (``loss``...)."""
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One optimisation step on a batch of [0, 1] images. Returns scalar metrics (``loss``...).
+
+        Values are Python floats or 0-dim tensors; return detached tensors for anything computed
+        on the device: the training loop sums them there and reads them once every
+        ``sync_every`` steps, so a step never waits for the GPU (a ``float(loss)`` per step does).
+        """
 
     def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Extra per-epoch measurements on a fixed probe batch (model in eval mode)."""

@@ -84,7 +84,7 @@ def test_config_resolution_order() -> None:
     paper = cure.make_config(spec, "wide_resnet28_10", preset="paper")
     assert (paper.epochs, paper.lr, paper.lr_final, paper.h_ramp_epochs, paper.optimizer) == (20, 1e-4, 1e-6, 5, "adam")
     assert paper.gamma == 8.0 and cure.make_config(spec, "cifar_resnet18", preset="paper").gamma == 4.0
-    assert paper.h == pytest.approx(0.6)  # the reference code's h = 3 in normalised units
+    assert paper.h == pytest.approx(3.0)  # the reference code's h = 3, in its normalised-input units
     over = cure.make_config(spec, "cifar_resnet18", preset="paper", overrides=parse_method_args(cure, ["gamma=2", "squared=false"]))
     assert over.gamma == 2.0 and over.squared is False and over.epochs == 20
     with pytest.raises(UsageError, match="no option"):

@@ -46,7 +46,7 @@ from torch import nn
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig
+from cure_eval.methods import Method, MethodConfig, StepStats
 from cure_eval.training import eval_mode
 
 
@@ -140,7 +140,7 @@ class AdvFinetuneMethod(Method):
         return deepfool_linf(model, x, y, steps=c.df_steps, candidates=c.candidates, overshoot=c.overshoot,
                              max_eps=self.max_eps)
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         c = self.config
         assert isinstance(c, AdvFinetuneConfig)
         x_adv, success = self.attack(model, x, y)

@@ -51,7 +51,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, TrainContext
+from cure_eval.methods import Method, MethodConfig, StepStats, TrainContext
 
 #: keeps ``d / ||d||`` finite for an all-zero gradient (the reference code's 1e-20)
 _TINY = 1e-20
@@ -181,9 +181,9 @@ class AWPMethod(Method):
                 out.append(self.gamma * w.norm() * g / (g.norm() + _TINY))
         return out
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         x_adv = self.base.attack(model, x, y)
-        extra: dict[str, float] = {"awp": float(self.active)}
+        extra: StepStats = {"awp": float(self.active)}
         weights: list[torch.Tensor] = []
         saved: list[torch.Tensor] = []
         if self.active:
@@ -204,4 +204,4 @@ class AWPMethod(Method):
                 for w, s in zip(weights, saved, strict=True):
                     w.copy_(s)
         optimizer.step()
-        return {**{k: float(v) for k, v in stats.items()}, **extra}
+        return {**stats, **extra}

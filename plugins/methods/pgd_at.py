@@ -42,7 +42,7 @@ from torch import nn
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig
+from cure_eval.methods import Method, MethodConfig, StepStats
 from cure_eval.training import eval_mode
 
 #: ``forward(inputs) -> logits``: the model itself, or a functional copy of it (AWP's proxy).
@@ -169,10 +169,10 @@ class PGDATMethod(Method):
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "adv_acc": (logits.argmax(1) == y).float().mean()}
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         x_adv = self.attack(model, x, y)
         loss, stats = self.objective(model, x, x_adv, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {k: float(v) for k, v in stats.items()}
+        return dict(stats)

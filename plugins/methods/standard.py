@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cure_eval.data import DatasetSpec
-from cure_eval.methods import Method, MethodConfig
+from cure_eval.methods import Method, MethodConfig, StepStats
 
 
 @dataclass
@@ -33,7 +33,7 @@ class StandardMethod(Method):
                     "weight_decay": 0.0, "lr_schedule": "cosine"}
         return {"epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         assert isinstance(self.config, StandardConfig)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
@@ -41,4 +41,4 @@ class StandardMethod(Method):
         loss.backward()
         optimizer.step()
         acc = (logits.argmax(1) == y).float().mean()
-        return {"loss": float(loss.detach()), "train_acc": float(acc)}
+        return {"loss": loss.detach(), "train_acc": acc}

@@ -38,7 +38,7 @@ from cure_eval_plugins.methods.pgd_at import (
 from torch import nn
 
 from cure_eval.data import DatasetSpec
-from cure_eval.methods import Method, MethodConfig
+from cure_eval.methods import Method, MethodConfig, StepStats
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -137,10 +137,10 @@ class TradesMethod(Method):
                       "train_acc": (logits_nat.argmax(1) == y).float().mean(),
                       "adv_acc": (logits_adv.argmax(1) == y).float().mean()}
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         x_adv = self.attack(model, x, y)
         loss, stats = self.objective(model, x, x_adv, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        return {k: float(v) for k, v in stats.items()}
+        return dict(stats)
