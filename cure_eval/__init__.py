@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from .models import load_model_plugins
+from ._openmp import prefer_passive_openmp
+
+prefer_passive_openmp()  # before the first import of torch (below): see cure_eval/_openmp.py
+
+from .models import load_model_plugins  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -65,7 +65,14 @@ from .audit_state import (
     shard_from_env,
 )
 from .checkpoint import load_checkpoint, load_state, load_weights_file
-from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
+from .cli import (
+    ArgumentParser,
+    add_common_arguments,
+    eps_from_255,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 from .data import (
     DatasetSpec,
     check_images,
@@ -238,6 +245,7 @@ def check_model_outputs(model: nn.Module, x: torch.Tensor, spec: DatasetSpec, de
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
+    set_threads(args.threads)
     for flag in ("n", "masking_n", "geometry_n", "batch_size", "depth", "widen", "top_k", "h"):
         v = getattr(args, flag)
         if v is not None and v <= 0:

@@ -40,10 +40,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's, one per core); use 1 per job when "
+                        "several jobs share the machine")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
     g.add_argument("--quiet", action="store_true", help="only warnings and errors")
     g.add_argument("--verbose", action="store_true", help="debug logging")
     g.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads``: ``torch.set_num_threads`` (None keeps torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def eps_from_255(value: float, flag: str = "--eps") -> float:

@@ -39,9 +39,16 @@ from tabulate import tabulate
 
 from . import __version__, distributed
 from .checkpoint import load_checkpoint, unwrap
-from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
+from .cli import (
+    ArgumentParser,
+    add_common_arguments,
+    eps_from_255,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 from .data import DatasetSpec, get_dataset_spec, list_datasets, load_dataset, select_points
-from .device import resolve_device
+from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
 from .evaluation import evaluate
 from .io import write_json_atomic, write_text_atomic
@@ -116,6 +123,7 @@ def _main(argv: Sequence[str] | None) -> int:
     _format_help(parser)
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet or distributed.env_rank() != 0)
+    set_threads(args.threads)
     if args.list_methods:
         for name in list_methods():
             log.warning("%-14s %s", name, get_method(name).description)
@@ -142,6 +150,7 @@ def _main(argv: Sequence[str] | None) -> int:
             std_over[key] = flag
     std_cfg = standard_cls.make_config(spec, mcfg.name, overrides=std_over)
     device = distributed.setup(resolve_device(args.device))  # this rank's device under torchrun
+    tune_for_fixed_shapes(device)
     try:
         return _run(args, spec, method_cls, standard_cls, eps, alpha, mcfg, method_cfg, std_cfg, device)
     finally:

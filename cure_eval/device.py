@@ -33,6 +33,16 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
+def tune_for_fixed_shapes(device: torch.device) -> None:
+    """On a CUDA device let cuDNN benchmark and keep the fastest convolution algorithm per shape.
+
+    Training batches have one fixed shape (incomplete batches are dropped), so the search pays
+    off after the first steps. Process-wide state: the CLIs call this, library code never does.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 @contextlib.contextmanager
 def seeded_rng(seed: int, device: torch.device | str) -> Iterator[None]:
     """``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``: reproducible draws (on the CPU

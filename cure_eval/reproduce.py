@@ -28,10 +28,17 @@ from tabulate import tabulate
 
 from . import __version__
 from .audit import ATTACK_LABELS, AuditOptions, audit_model
-from .cli import ArgumentParser, add_common_arguments, eps_from_255, run_cli, setup_logging
+from .cli import (
+    ArgumentParser,
+    add_common_arguments,
+    eps_from_255,
+    run_cli,
+    set_threads,
+    setup_logging,
+)
 from .data import get_dataset_spec, list_datasets, load_dataset, select_points
 from .defend import PAPER_HINT, standard_model, train_method
-from .device import resolve_device
+from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
 from .io import write_json_atomic, write_text_atomic
 from .methods import get_method, list_methods
@@ -91,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
+    set_threads(args.threads)
     started = time.perf_counter()
     spec = get_dataset_spec(args.dataset)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -99,6 +107,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UsageError(f"the normal model is always trained: drop 'standard' from --methods ({', '.join(list_methods())})")
     eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
     device = resolve_device(args.device)
+    tune_for_fixed_shapes(device)
     progress = not args.no_progress
     mcfg = model_config_for(args.model, spec, depth=args.depth, widen=args.widen)
     out = Path(args.out or f"runs/reproduce_{spec.name}")

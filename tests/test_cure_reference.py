@@ -23,13 +23,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import foolbox
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
 
-import foolbox
 from cure_eval.cure import cure_terms, pixel_step
 from cure_eval.data import get_dataset_spec
 from cure_eval.errors import UsageError

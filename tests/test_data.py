@@ -12,8 +12,7 @@ import torch
 
 from cure_eval.data import check_images, get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError, UsageError
-
-from .datafiles import write_cifar10
+from cure_eval.synthetic import write_cifar10
 
 
 def test_digits_split_is_fixed_and_disjoint() -> None:

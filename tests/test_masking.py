@@ -43,6 +43,7 @@ from cure_eval.masking import (
 EPS = 32 / 255
 ALPHA = get_dataset_spec("digits").pgd_alpha / 255
 N = 80
+STD = get_dataset_spec("digits").std[0]  # the digits normalisation inside the model
 SPSA_ITERS = 40
 STATUSES = {"PASS", "WARN", "FAIL"}
 ALL_CHECKS = ["spsa_vs_pgd", "fgsm_vs_pgd", "eps_monotone", "unbounded", "random_noise",
@@ -71,7 +72,8 @@ def points(digits_test: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
 
 @pytest.fixture(scope="module")
 def cure_model(trained_digits_model: nn.Module, digits_train: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
-    """The normal CNN fine-tuned with CURE: Adam 1e-3, γ = 1, h = 0.5, 5 epochs (~2 s)."""
+    """The normal CNN fine-tuned with CURE: Adam 1e-3, 5 epochs (~2 s), h = 0.5 and γ = 1 in [0, 1]
+    pixel units, i.e. h = 0.5/std and γ = 1/std² in the normalised units CURE takes."""
     model = copy.deepcopy(trained_digits_model)
     x, y = digits_train
     gen = torch.Generator().manual_seed(0)
@@ -81,9 +83,9 @@ def cure_model(trained_digits_model: nn.Module, digits_train: tuple[torch.Tensor
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            terms = cure_terms(model, x[idx], y[idx], h=0.5)
+            terms = cure_terms(model, x[idx], y[idx], h=0.5 / STD)
             opt.zero_grad()
-            (terms.loss + 1.0 * terms.reg).backward()
+            (terms.loss + 1.0 / STD**2 * terms.reg).backward()
             opt.step()
     return model.eval()
 

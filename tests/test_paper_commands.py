@@ -17,8 +17,7 @@ import pytest
 
 from cure_eval.defend import main
 from cure_eval.io import read_jsonl
-
-from .datafiles import write_cifar10, write_svhn
+from cure_eval.synthetic import write_cifar10, write_svhn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMOKE = ["--train-n", "2", "--batch-size", "2", "--pretrain-batch-size", "2", "--epochs", "1",
