@@ -31,7 +31,7 @@ from tabulate import tabulate
 from torch import nn
 
 import cure_eval  # noqa: F401  (registers the models)
-from cure_eval.cure import cure_terms
+from cure_eval.cure import cure_terms, pixel_step
 from cure_eval.data import get_dataset_spec
 from cure_eval.models import create_model, model_config_for
 
@@ -79,7 +79,10 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.rand(args.batch, *spec.input_shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    h, gamma, eps = 0.6, 4.0, 8 / 255
+    # h = 3 in the normalised units cure_terms takes (the reference's); its pixel-space length for
+    # the reference structure, which differentiates w.r.t. the [0, 1] image
+    h_norm, gamma, eps = 3.0, 4.0, 8 / 255
+    h = pixel_step(model, h_norm)
     pgd = torchattacks.PGD(model, eps=eps, alpha=2 / 255, steps=10, random_start=True)
 
     def plain() -> None:
@@ -91,7 +94,7 @@ def main() -> None:
     def cure(bn_mode: str) -> Callable[[], None]:
         def step() -> None:
             model.train()
-            t = cure_terms(model, x, y, h=h, bn_mode=bn_mode)  # type: ignore[arg-type]
+            t = cure_terms(model, x, y, h=h_norm, bn_mode=bn_mode)  # type: ignore[arg-type]
             opt.zero_grad()
             (t.loss + gamma * t.reg).backward()
             opt.step()
