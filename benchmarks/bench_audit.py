@@ -40,6 +40,7 @@ from cure_eval.attacks import ATTACKS, MultiStepPGD, run_suite
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
+from cure_eval.testing import small_cnn
 
 log = logging.getLogger("bench_audit")
 
@@ -88,15 +89,6 @@ class CountingModel(nn.Module):
         out: torch.Tensor = self.model(x)
         self.seconds[key] += time.perf_counter() - start
         return out
-
-
-def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
-    """The small ReLU CNN of tests/conftest.py."""
-    return nn.Sequential(
-        nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
-    )
 
 
 def train_digits_model(seed: int = 0, epochs: int = 15) -> nn.Module:

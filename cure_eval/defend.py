@@ -23,7 +23,6 @@ exit when training is over.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ from .device import resolve_device
 from .errors import UsageError
 from .evaluation import evaluate
 from .io import write_json_atomic, write_text_atomic
-from .methods import Method, TrainContext, get_method, list_methods, parse_method_args
+from .methods import Method, TrainContext, config_dict, get_method, list_methods, parse_method_args
 from .models import ModelConfig, count_parameters, create_model, model_config_for
 from .training import CHECKPOINT_NAME, METRICS_NAME, TrainResult, is_complete, train
 
@@ -192,8 +191,8 @@ def _run(args: argparse.Namespace, spec: DatasetSpec, method_cls: type[Method], 
 
     config = {
         "cure_eval_version": __version__, "dataset": spec.name, "model": args.model, "model_config": mcfg.to_dict(),
-        "method": method_cls.name, "method_config": _cfg_dict(method_cfg), "preset": args.preset,
-        "standard_config": _cfg_dict(std_cfg) if with_standard else None, "init": args.init,
+        "method": method_cls.name, "method_config": config_dict(method_cfg), "preset": args.preset,
+        "standard_config": config_dict(std_cfg) if with_standard else None, "init": args.init,
         "eps": eps, "eps_255": eps * 255, "seed": args.seed, "device": str(device), "eval_n": len(x_test),
         "train_n": len(x_train), "data_dir": args.data_dir, "torch": torch.__version__,
         "python": platform.python_version(),
@@ -345,16 +344,12 @@ def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device,
 
 
 def _cache_key(spec: DatasetSpec, mcfg: ModelConfig, cfg: Any, seed: int, n: int) -> str:
-    key: dict[str, Any] = {"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": _cfg_dict(cfg),
+    key: dict[str, Any] = {"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": config_dict(cfg),
                            "seed": seed, "torch": torch.__version__.split("+")[0]}
     if distributed.world_size() > 1:  # per-rank BatchNorm statistics: not the one-process model
         key["world"] = distributed.world_size()
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _cfg_dict(cfg: Any) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:

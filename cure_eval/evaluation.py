@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .device import seeded_rng
-from .training import eval_mode
+from .modes import eval_mode
 
 
 @torch.no_grad()

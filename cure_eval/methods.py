@@ -165,6 +165,11 @@ class Method(ABC):
         return {}
 
 
+def config_dict(config: MethodConfig) -> dict[str, Any]:
+    """A method config as a JSON-ready dict (tuples become lists): run folders, checkpoints, cache keys."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
 # -- registry --------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Method]] = {}  # explicit register_method() calls
 _FROM_ENTRY_POINTS: dict[str, type[Method]] = {}

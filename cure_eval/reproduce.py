@@ -34,7 +34,7 @@ from .defend import PAPER_HINT, standard_model, train_method
 from .device import resolve_device
 from .errors import UsageError
 from .io import write_json_atomic, write_text_atomic
-from .methods import get_method, list_methods
+from .methods import config_dict, get_method, list_methods
 from .models import count_parameters, model_config_for
 
 log = logging.getLogger("cure_eval.reproduce")
@@ -121,7 +121,7 @@ def _main(argv: Sequence[str] | None) -> int:
             for m, cls in classes.items()}
     config = {"cure_eval_version": __version__, "dataset": spec.name, "model": mcfg.to_dict(), "methods": methods,
               "eps": eps, "eps_255": eps * 255, "seed": args.seed, "device": str(device),
-              "standard_config": _asdict(std_cfg), "method_configs": {m: _asdict(c) for m, c in cfgs.items()},
+              "standard_config": config_dict(std_cfg), "method_configs": {m: config_dict(c) for m, c in cfgs.items()},
               "python": platform.python_version(), "torch": torch.__version__}
     write_json_atomic(out / "config.json", config)
     log.info("reproduce on %s: %s (%.2f M parameters), ε = %g/255, methods %s, device %s", spec.name, mcfg.name,
@@ -181,12 +181,6 @@ def _build(mcfg: Any) -> torch.nn.Module:
     from .models import create_model
 
     return create_model(mcfg)
-
-
-def _asdict(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def _slim(audit: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before torch is imported: idle OpenMP threads must not spin on a shared 2-core machine.
@@ -16,18 +17,19 @@ from torch import nn  # noqa: E402
 import cure_eval  # noqa: E402,F401  (registers the timm models)
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.models import NormalizedModel  # noqa: E402
+from cure_eval.testing import small_cnn  # noqa: E402,F401  (tests import it from here)
 
 # Small models on a 2-core machine: one thread avoids OpenMP oversubscription (10x slower).
 torch.set_num_threads(1)
 
 
-def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
-    """A small ReLU CNN for 8×8 digits (no BatchNorm, so it is deterministic in either mode)."""
-    return nn.Sequential(
-        nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
-    )
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One torch thread in every test module, restored afterwards (a test may change it)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
@@ -73,15 +75,11 @@ import torch
 from torch import nn
 from cure_eval.models import NormalizedModel
 from cure_eval.data import get_dataset_spec
+from cure_eval.testing import small_cnn
 
 def build():
     spec = get_dataset_spec("digits")
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-    return NormalizedModel(net, spec.mean, spec.std)
+    return NormalizedModel(small_cnn(), spec.mean, spec.std)
 
 def nan_model():
     class NaN(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import foolbox
 import pytest
@@ -28,13 +27,6 @@ EPS = 32 / 255
 SEED = 5
 SPSA_ITERS = 30  # fewer than the default 100: enough for these assertions, keeps the test fast
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import torchattacks
 from torch import nn
 
 from ..errors import UsageError
+from ..modes import preserved_mode
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +98,9 @@ class MultiStepPGD(torchattacks.PGD):
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:  # type: ignore[override]
         """torchattacks' call (eval mode during the attack), restoring the mode even on error."""
-        was_training = self.model.training
-        try:
-            with torch.enable_grad():
-                result: dict[int, torch.Tensor] = super().__call__(images, labels)
-            return result
-        finally:
-            self.model.train(was_training)
+        with preserved_mode(self.model), torch.enable_grad():
+            result: dict[int, torch.Tensor] = super().__call__(images, labels)
+        return result
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:  # type: ignore[override]
         """Run ``max(steps)`` PGD iterations; return ``{k: iterate after k steps}``."""

@@ -7,7 +7,7 @@ and feeds the estimate to Adam, so it is immune to gradient masking: if SPSA bea
 model's gradients are lying (CURE paper, Fig. 7).
 
 Semantics (the paper's, which the CURE paper used; torchattacks' ``SPSA`` differs on almost every
-point, see ``REFERENCE.md`` §3):
+point, see ``docs/references.md`` §3):
 
 * loss ``max_{j≠y} z_j − z_y`` (the negative of :func:`~cure_eval.attacks.base.adversarial_margin`),
   maximised with Adam (lr 0.01, β = (0.9, 0.999));

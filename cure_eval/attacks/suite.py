@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from ..device import seeded_rng
 from ..errors import CureEvalError, UsageError
+from ..modes import check_device, eval_mode
 from .base import AttackResult, adversarial_margin
 from .pgd import MultiStepPGD
 from .spsa import LinfSPSAAttack
@@ -540,8 +541,8 @@ def run_suite(
     """Run the attack suite on ``(x, y)`` and return per-point results.
 
     Args:
-        model: classifier mapping [0, 1] images to logits. Moved to ``device``; evaluated in eval
-            mode; its train/eval mode is restored afterwards, also on error.
+        model: classifier mapping [0, 1] images to logits, already on ``device`` (never moved);
+            evaluated in eval mode; its train/eval modes are restored afterwards, also on error.
         x: images ``(N, C, H, W)`` in [0, 1] (any device; results are on the CPU).
         y: integer labels ``(N,)``.
         eps: ℓ∞ radius in [0, 1] pixel units (e.g. 8/255).
@@ -586,15 +587,13 @@ def run_suite(
     x = x.detach().cpu()
     y = y.detach().cpu().long()
 
-    was_training = model.training
     ctx = _Ctx(model=model, device=dev, batch_size=batch_size, progress=progress, eps=float(eps),
                eps_l2=eps_l2_, seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
                spsa_samples=spsa_samples, spsa_max_batch=spsa_max_batch,
                deepfool_steps=deepfool_steps, deepfool_candidates=deepfool_candidates,
                deepfool_overshoot=deepfool_overshoot)
-    try:
-        model.to(dev)
-        model.eval()
+    check_device(model, dev)
+    with eval_mode(model):
         with torch.enable_grad():  # the gradient attacks need autograd even under no_grad
             logits = ctx.logits(x)
             clean_pred = logits.argmax(dim=1) if n else torch.zeros(0, dtype=torch.long)
@@ -649,8 +648,6 @@ def run_suite(
                 worst &= results[a].robust
             if cascade:
                 worst = robust_now & worst
-    finally:
-        model.train(was_training)
     settings = {"batch_size": batch_size, "pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations,
                 "spsa_samples": spsa_samples, "deepfool_steps": deepfool_steps,
                 "deepfool_candidates": deepfool_candidates, "deepfool_overshoot": deepfool_overshoot,
@@ -722,12 +719,10 @@ def eps_sweep(
     ctx = _Ctx(model=model, device=dev, batch_size=batch_size, progress=progress, eps=0.0, eps_l2=0.0,
                seed=seed, pgd_alpha=alpha, spsa_iterations=0, spsa_samples=2, spsa_max_batch=1,
                deepfool_steps=0, deepfool_candidates=2, deepfool_overshoot=0.0)
-    was_training = model.training
     accs: list[float] = []
     robust: list[torch.Tensor] = []
-    try:
-        model.to(dev)
-        model.eval()
+    check_device(model, dev)
+    with eval_mode(model):
         logits = ctx.logits(x)
         clean_pred = logits.argmax(dim=1)
         clean_margin = adversarial_margin(logits, y)
@@ -740,8 +735,6 @@ def eps_sweep(
             res = _result(ctx, f"pgd{steps}", x, y, clean_pred, clean_margin, correct, recs[steps], secs[steps])
             accs.append(_fraction(res.robust))
             robust.append(res.robust)
-    finally:
-        model.train(was_training)
     order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
     monotone = all(accs[order[i + 1]] <= accs[order[i]] for i in range(len(order) - 1))
     if not monotone:

@@ -8,50 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import CureEvalError, UsageError
-from ..training import eval_mode  # noqa: F401  (re-exported for the geometry modules)
-
-
-def model_device(model: nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for t in model.parameters():
-        if torch.is_floating_point(t):
-            return t.dtype
-    return torch.get_default_dtype()
-
-
-def check_device(model: nn.Module, device: torch.device | str) -> torch.device:
-    """Return ``torch.device(device)``; raise unless the model already lives there.
-
-    Library functions never move the caller's model (that would be a hidden side effect).
-    """
-    dev = torch.device(device)
-    have = model_device(model)
-    if have is not None and not _same_device(have, dev):
-        raise CureEvalError(
-            f"the model is on {have} but device={dev} was requested: move it first with "
-            f"model.to({str(dev)!r})"
-        )
-    return dev
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type == "cuda":
-        ia = a.index if a.index is not None else torch.cuda.current_device()
-        ib = b.index if b.index is not None else torch.cuda.current_device()
-        return ia == ib
-    return True
+from ..errors import UsageError
+from ..modes import check_device, eval_mode, model_device, model_dtype  # noqa: F401  (re-exported)
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:

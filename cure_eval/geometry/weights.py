@@ -5,7 +5,7 @@
   probe ``z`` covers all tensors at once; ``E[z_kᵀ(Hz)_k] = Tr H_kk`` because the off-diagonal
   blocks average out. Products ``Hz`` by double backpropagation.
 * :func:`weight_curvature_index` — WCI (arXiv:2410.07719, 2024, seed 004; only the abstract is
-  available, REFERENCE.md §8). The formula used here is::
+  available, docs/references.md §8). The formula used here is::
 
       WCI = Σ_k ||W_k||_F · sqrt(max(0, T̂_k)),   T̂_k ≈ Tr ∇²_{W_k} L_adv(W)
 

@@ -47,7 +47,7 @@ from torch import nn
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
 from cure_eval.methods import Method, MethodConfig
-from cure_eval.training import eval_mode
+from cure_eval.modes import eval_mode
 
 
 @contextlib.contextmanager

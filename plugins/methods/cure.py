@@ -104,7 +104,7 @@ class CureMethod(Method):
             "paper": {"epochs": 20, "batch_size": 128, "optimizer": "adam", "lr": 1e-4,
                       "lr_final": 1e-6, "lr_schedule": "exponential", "h_ramp_epochs": 5,
                       "weight_decay": 0.0, "squared": True},
-            # The first author's later working recipe (REFERENCE.md §2): batch 1024, Adam 8e-4
+            # The first author's later working recipe (docs/references.md §2): batch 1024, Adam 8e-4
             # ×0.1 at epochs 7 and 14, unsquared norm, h from 0.1/3 of its final value.
             "reference": {"epochs": 20, "batch_size": 1024, "optimizer": "adam", "lr": 8e-4,
                           "lr_schedule": "step", "lr_milestones": (7, 14), "h_ramp_epochs": 5,

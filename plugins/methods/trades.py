@@ -9,7 +9,7 @@ Inner maximisation as in the reference code: start ``x + 0.001·N(0, I)`` (not c
 first step), ``steps = 10`` ℓ∞ sign-gradient steps on ``KL(softmax f(x) ‖ softmax f(x'))`` (sum),
 each followed by projection onto the ε-ball ∩ [0, 1]; the model is in eval mode during the attack
 (``model.eval()`` in the reference code; ``attack_bn=train`` keeps train mode). The reference
-values ε = 0.031, step 0.007 (REFERENCE.md §8) are scaled to the run: ``ε = ctx.eps`` and step
+values ε = 0.031, step 0.007 (docs/references.md §8) are scaled to the run: ``ε = ctx.eps`` and step
 ``ctx.spec.pgd_alpha / 255`` (2/255 ≈ 0.0078 on CIFAR-10, AWP's TRADES value; preset ``paper``
 sets 0.007). β = 6 (the paper's CIFAR-10 value for its headline results).
 
