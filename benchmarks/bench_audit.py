@@ -40,7 +40,7 @@ from cure_eval.attacks import ATTACKS, MultiStepPGD, run_suite
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
-from cure_eval.testing import small_cnn
+from cure_eval.testing import small_cnn, train_plain
 
 log = logging.getLogger("bench_audit")
 
@@ -97,17 +97,7 @@ def train_digits_model(seed: int = 0, epochs: int = 15) -> nn.Module:
     spec = get_dataset_spec("digits")
     model = NormalizedModel(small_cnn(), spec.mean, spec.std)
     x, y = load_dataset("digits", "train").tensors
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, x, y, epochs=epochs, seed=seed)
 
 
 def plain_forward_throughput(model: nn.Module, shape: tuple[int, ...], batch: int,

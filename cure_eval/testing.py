@@ -4,6 +4,8 @@
   so it is deterministic in either mode).
 * Models that mask gradients on purpose (:class:`QuantizedInput`, :class:`SaturatedLogits`,
   :class:`NoisyInput`): to test that a masking detector detects (``docs/masking.md``).
+* Models some measurements do not apply to (:class:`NoGradient`, :class:`RawParameterNet`): to
+  test that an audit reports them as not applicable and keeps the rest.
 
 Library code never imports this module.
 """
@@ -25,6 +27,26 @@ def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
     )
 
 
+def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
+                seed: int = 0, lr: float = 1e-3) -> nn.Module:
+    """Plain cross-entropy training (Adam, batch 64, a seeded permutation per epoch); returns the
+    model in eval mode. The tests' and benchmarks' normally trained digits model."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Models that mask gradients on purpose: to test that a masking detector detects.
+# --------------------------------------------------------------------------------------------
 class QuantizedInput(nn.Module):
     """Shattered gradients: the input is rounded to ``levels`` grey levels before ``model``.
 
@@ -80,4 +102,36 @@ class NoisyInput(nn.Module):
         return out
 
 
-__all__ = ["NoisyInput", "QuantizedInput", "SaturatedLogits", "small_cnn"]
+class NoGradient(nn.Module):
+    """No gradients at all: ``model`` evaluated under ``torch.no_grad()``, so the logits have no
+    autograd graph (a non-differentiable defence, e.g. a lookup or an external service). Only
+    gradient-free attacks (SPSA) apply; gradient-based measurements are not applicable."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out: torch.Tensor = self.model(x)
+        return out
+
+
+class RawParameterNet(nn.Module):
+    """A ReLU network whose weights are plain :class:`nn.Parameter` s (no conv/linear modules),
+    for 8×8 digits: the weight-space measurements (WCI, weight-loss curves) do not apply to it."""
+
+    def __init__(self, *, in_features: int = 64, hidden: int = 32, num_classes: int = 10, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(in_features, hidden, generator=gen) / in_features ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(hidden, num_classes, generator=gen) / hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.relu(x.flatten(1) @ self.w1) @ self.w2
+        return out
+
+
+__all__ = [
+    "NoGradient", "NoisyInput", "QuantizedInput", "RawParameterNet", "SaturatedLogits", "small_cnn", "train_plain",
+]

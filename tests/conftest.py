@@ -12,12 +12,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from torch import nn  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the timm models)
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.models import NormalizedModel  # noqa: E402
-from cure_eval.testing import small_cnn  # noqa: E402,F401  (tests import it from here)
+from cure_eval.testing import small_cnn, train_plain  # noqa: E402,F401  (tests import them from here)
 
 # Small models on a 2-core machine: one thread avoids OpenMP oversubscription (10x slower).
 torch.set_num_threads(1)
@@ -30,21 +29,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
-                seed: int = 0, lr: float = 1e-3) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 @pytest.fixture(scope="session")

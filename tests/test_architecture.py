@@ -131,3 +131,17 @@ def test_low_level_modules_import_only_low_level_ones(graph: dict[str, set[str]]
 def test_measurements_sit_below_training(graph: dict[str, set[str]]) -> None:
     bad = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(BELOW_TRAINING) for d in deps & TRAINING}
     assert not bad, f"measurement modules import the training layer: {sorted(bad)}"
+
+
+def test_clis_do_not_import_each_other(graph: dict[str, set[str]]) -> None:
+    entry = CLI_MODULES - {"cure_eval.cli"}
+    bad = {f"{m} -> {d}" for m in entry for d in graph[m] & entry}
+    assert not bad, f"CLI modules import each other (move the shared code into cure_eval.pipelines): {sorted(bad)}"
+
+
+def test_clis_are_thin() -> None:
+    """A CLI parses, calls a pipeline and prints: no pipeline code creeps back in."""
+    for name in CLI_MODULES - {"cure_eval.cli"}:
+        path = _modules()[name]
+        lines = len(path.read_text().splitlines())
+        assert lines <= 220, f"{path.name} has {lines} lines: move library code into cure_eval.pipelines"

@@ -21,6 +21,8 @@ from cure_eval.attacks import (
     suite_rows,
     suite_summary,
 )
+from cure_eval.attacks.base import AttackOutput
+from cure_eval.attacks.fgsm import FGSM
 from cure_eval.errors import CureEvalError, UsageError
 
 EPS = 32 / 255
@@ -156,10 +158,10 @@ def test_broken_attack_inside_the_suite_raises_and_restores_mode(
     _, x, y = points
     model = trained_digits_model
 
-    def broken_fgsm(ctx, xs, ys):
-        return (xs + 3 * EPS).clamp(0, 1), 0.0  # ignores the ε-ball
+    def broken_fgsm(self, ctx, xs, ys, ids):
+        return AttackOutput(x_adv=(xs + 3 * EPS).clamp(0, 1), seconds=0.0)  # ignores the ε-ball
 
-    monkeypatch.setattr(suite_mod, "_run_fgsm", broken_fgsm)
+    monkeypatch.setattr(FGSM, "run", broken_fgsm)
     model.train()
     try:
         with pytest.raises(CureEvalError, match="fgsm returned .* outside the linf ε-ball"):

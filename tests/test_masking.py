@@ -39,6 +39,7 @@ from cure_eval.masking import (
     run_masking_check,
     still_improving,
 )
+from cure_eval.testing import NoGradient
 
 EPS = 32 / 255
 ALPHA = get_dataset_spec("digits").pgd_alpha / 255
@@ -187,17 +188,6 @@ def test_probability_outputs(trained_digits_model: nn.Module, points: tuple[torc
     assert check_probability_outputs(trained_digits_model, x, device="cpu").status == "PASS"
 
 
-class _Detached(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out: torch.Tensor = self.model(x)
-        return out
-
-
 class _NaNGrad(nn.Module):
     """sqrt at 0 on the input: infinite derivative, NaN after the chain rule with a 0."""
 
@@ -213,7 +203,7 @@ class _NaNGrad(nn.Module):
 def test_gradients_broken_graph_and_nan(trained_digits_model: nn.Module,
                                         points: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = points
-    broken = check_gradients(_Detached(trained_digits_model), x, y, device="cpu")
+    broken = check_gradients(NoGradient(trained_digits_model), x, y, device="cpu")
     assert broken.status == "FAIL" and broken.value == 1.0 and broken.details["graph_broken"]
     nan = check_gradients(_NaNGrad(trained_digits_model), x, y, device="cpu")  # digits have exact 0 pixels
     assert nan.status == "FAIL" and nan.details["nonfinite"] > 0

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..device import seeded_rng
-from ..errors import UsageError
+from ..errors import NotApplicable, UsageError
 from ._util import check_batch, check_device, eval_mode, generator
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def hutchinson_trace(
     dev = check_device(model, device)
     plist = list(params) if params is not None else conv_linear_weights(model)
     if not plist:
-        raise UsageError("the model has no conv/linear weights to measure")
+        raise NotApplicable("the model has no conv/linear weights to measure")
     names = [n for n, _ in plist]
     tensors = [p for _, p in plist]
     shapes = [p.shape for p in tensors]
@@ -214,6 +214,8 @@ def weight_curvature_index(
         ``term``); ``adv_loss``; ``adv_accuracy``; ``n_probes``; ``eps``; ``seconds``.
     """
     dev = check_device(model, device)
+    if not conv_linear_weights(model):  # before the PGD points: nothing to measure
+        raise NotApplicable("the model has no conv/linear weights to measure")
     t0 = time.perf_counter()
     if x_adv is None:
         x_adv = pgd_points(model, x, y, eps=eps, device=dev, steps=steps, alpha=alpha, seed=seed)
@@ -295,6 +297,8 @@ def weight_loss_curve(
     x, y = x.to(dev), y.to(dev)
     alist = [float(a) for a in alphas]
     direction = filter_normalized_direction(model, seed=seed)
+    if not direction:
+        raise NotApplicable("the model has no conv/linear weights to perturb")
     params = dict(model.named_parameters())
     originals = {name: params[name].detach().clone() for name in direction}
 

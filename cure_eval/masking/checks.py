@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks.pgd import linf_random_start, linf_step
 from ..device import seeded_rng
 from ..errors import UsageError
 from ..modes import check_device, eval_mode
@@ -189,7 +190,9 @@ def pgd_trajectory(
     batch_size: int = 256,
     progress: bool = False,
 ) -> PGDTrajectory:
-    """ℓ∞ PGD (Madry et al. 2018) that records every iterate's per-point loss.
+    """ℓ∞ PGD (Madry et al. 2018) that records every iterate's per-point loss (the PGD core of
+    :mod:`cure_eval.attacks.pgd`: :func:`~cure_eval.attacks.pgd.linf_random_start`,
+    :func:`~cure_eval.attacks.pgd.linf_step`).
 
     Exactly ``torchattacks.PGD``'s operations (uniform random start drawn with
     ``torch.empty_like(x).uniform_(-eps, eps)`` after ``torch.manual_seed(seed)``, gradient of the
@@ -213,7 +216,7 @@ def pgd_trajectory(
             yb = y[s:s + batch_size].to(dev)
             adv = xb.clone()
             if random_start:
-                adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-eps, eps), 0, 1).detach()
+                adv = linf_random_start(adv, eps)
             active = torch.arange(len(xb), device=dev)
             rows = torch.arange(s, s + len(xb))
             for t in range(steps + 1):
@@ -228,9 +231,7 @@ def pgd_trajectory(
                 if t == steps:
                     break
                 (grad,) = torch.autograd.grad(lvec.mean(), a)
-                step = a.detach() + alpha * grad.sign()
-                delta = torch.clamp(step - xb[active], min=-eps, max=eps)
-                adv[active] = torch.clamp(xb[active] + delta, 0, 1).detach()
+                adv[active] = linf_step(a, grad, xb[active], eps=eps, alpha=alpha)
                 if early_stop:
                     keep = ~fooled
                     adv[active[fooled]] = a.detach()[fooled]  # keep the fooling iterate

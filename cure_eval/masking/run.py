@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackResult, SuiteResult, eps_sweep, run_suite
+from ..attacks.base import require_input_gradients
 from ..data import select_points
 from ..errors import UsageError
 from ..modes import check_device, preserved_mode
@@ -126,6 +127,7 @@ def run_masking_check(
     indices = (suite.indices[points] if suite is not None and reuse else points)
 
     check_device(model, dev)
+    require_input_gradients(model, x[:2].to(dev))  # PGD, FGSM and the gradient checks need them
     with preserved_mode(model):
         missing = [a for a in NEEDED_ATTACKS if a not in reuse]
         results: dict[str, AttackResult] = {}

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cure_eval.cure import cure_terms
+from cure_eval.cure import BNMode, cure_terms
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
 from cure_eval.geometry import curvature_summaries
@@ -49,13 +49,13 @@ class CureConfig(MethodConfig):
     h: float = 0.6
     h_ramp_epochs: int = 5
     squared: bool = True
-    bn_mode: str = "eval"
+    bn_mode: BNMode = "eval"
     #: per-epoch curvature log on the probe batch: points and Gaussian draws for ||H||_F (0: off)
     probe_points: int = 32
     probe_gaussian: int = 20
 
 
-class CureMethod(Method):
+class CureMethod(Method[CureConfig]):
     name = "cure"
     description = "curvature regularisation, fine-tuning a pre-trained model (Moosavi-Dezfooli et al. 2019)"
     fine_tunes = True
@@ -85,9 +85,8 @@ class CureMethod(Method):
         return base
 
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
+    def check(cls, config: CureConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, CureConfig)
         if config.bn_mode not in ("eval", "train", "frozen"):
             raise UsageError(f"bn_mode must be 'eval', 'train' or 'frozen', got {config.bn_mode!r}")
         if len(config.gamma_milestones) != len(config.gamma_values):
@@ -114,7 +113,6 @@ class CureMethod(Method):
     @property
     def current_h(self) -> float:
         c = self.config
-        assert isinstance(c, CureConfig)
         if c.h_ramp_epochs <= 0:
             return c.h
         return c.h * min(1.0, (self.epoch + 1) / c.h_ramp_epochs)
@@ -122,7 +120,6 @@ class CureMethod(Method):
     @property
     def current_gamma(self) -> float:
         c = self.config
-        assert isinstance(c, CureConfig)
         gamma = c.gamma
         for start, value in zip(c.gamma_milestones, c.gamma_values, strict=True):
             if self.epoch >= start:
@@ -131,8 +128,7 @@ class CureMethod(Method):
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         c = self.config
-        assert isinstance(c, CureConfig)
-        terms = cure_terms(model, x, y, h=self.current_h, squared=c.squared, bn_mode=c.bn_mode)  # type: ignore[arg-type]
+        terms = cure_terms(model, x, y, h=self.current_h, squared=c.squared, bn_mode=c.bn_mode)
         total = terms.loss + self.current_gamma * terms.reg
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -144,7 +140,6 @@ class CureMethod(Method):
 
     def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         c = self.config
-        assert isinstance(c, CureConfig)
         if c.probe_points <= 0:
             return {}
         with torch.enable_grad():
