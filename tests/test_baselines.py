@@ -85,7 +85,7 @@ def test_baselines_are_entry_points_and_listed(capsys: pytest.CaptureFixture[str
             cls.make_config(get_dataset_spec("cifar10"), "wide_resnet28_10", preset=preset)
     assert set(BASELINES) <= set(list_methods())
     assert defend_main(["--list-methods"]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out  # the list is a result: stdout
     assert all(name in err for name in BASELINES)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..io import to_jsonable  # noqa: F401  (re-exported for the geometry modules)
 from ..modes import check_device, eval_mode, model_device, model_dtype  # noqa: F401  (re-exported)
 
 
@@ -34,26 +34,6 @@ def check_positive(name: str, value: float) -> float:
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: random draws are identical on every device for a given seed."""
     return torch.Generator().manual_seed(int(seed))
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors/arrays/numpy scalars to JSON types; NaN and ±inf become ``None``."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
 
 
 def as_numpy(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:

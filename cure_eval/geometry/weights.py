@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks.pgd import MultiStepPGD
 from ..device import seeded_rng
 from ..errors import NotApplicable, UsageError
 from ._util import check_batch, check_device, eval_mode, generator
@@ -170,19 +171,17 @@ def pgd_points(
     defaults to ``2.5·eps/steps``. torchattacks draws the random start from torch's global RNG:
     it is seeded with ``seed`` inside a forked RNG, so the caller's RNG state is untouched.
     """
-    import torchattacks
-
     check_batch(x, y)
     dev = check_device(model, device)
     if eps < 0:
         raise UsageError(f"eps must be >= 0, got {eps}")
     if eps == 0:
         return x.detach().to(dev)
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps,
-                           steps=steps, random_start=True)
+    atk = MultiStepPGD(model, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps, steps=[steps],
+                       random_start=True)  # = torchattacks.PGD, bit for bit
     atk.set_device(dev)
     with eval_mode(model), seeded_rng(seed, dev):
-        return atk(x.to(dev), y.to(dev)).detach()
+        return atk(x.to(dev), y.to(dev))[steps].detach()
 
 
 def weight_curvature_index(

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..attacks.pgd import linf_random_start, linf_step
 from ..device import seeded_rng
 from ..errors import UsageError
+from ..io import to_jsonable
 from ..modes import check_device, eval_mode
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Finding:
         out: dict[str, Any] = {"name": self.name, "status": self.status, "value": _json_float(self.value),
                                "threshold": _json_float(self.threshold), "message": self.message}
         if details:
-            out["details"] = _jsonable(self.details)
+            out["details"] = to_jsonable(self.details)
         return out
 
 
@@ -117,24 +118,6 @@ def _status(value: float, threshold: float, *, warn: bool, count: int | None = N
 
 def _json_float(v: float) -> float | None:
     return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def _jsonable(obj: Any) -> Any:
-    """Details as plain JSON types (NaN/inf → None, tensors/arrays → lists)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
 
 
 def _frac(mask: torch.Tensor, among: torch.Tensor) -> float:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import Finding, Verdict, _json_float, _jsonable
+from ..io import to_jsonable
+from .checks import Finding, Verdict, _json_float
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,9 @@ class MaskingReport:
             "n": self.n,
             "clean_accuracy": _json_float(self.clean_accuracy),
             "tolerance": self.tolerance,
-            "settings": _jsonable(self.settings),
+            "settings": to_jsonable(self.settings),
             "seconds": self.seconds,
-            **({"details": {f.name: _jsonable(f.details) for f in self.findings}} if details else {}),
+            **({"details": {f.name: to_jsonable(f.details) for f in self.findings}} if details else {}),
         }
 
     def format_table(self, *, tablefmt: str = "github") -> str:
