@@ -28,16 +28,16 @@ def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
 
 
 def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
-                seed: int = 0, lr: float = 1e-3) -> nn.Module:
-    """Plain cross-entropy training (Adam, batch 64, a seeded permutation per epoch); returns the
-    model in eval mode. The tests' and benchmarks' normally trained digits model."""
+                seed: int = 0, lr: float = 1e-3, batch_size: int = 64) -> nn.Module:
+    """Plain cross-entropy training (Adam, a seeded permutation per epoch); returns the model in
+    eval mode. The tests' and benchmarks' normally trained digits models."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
