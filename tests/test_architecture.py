@@ -17,7 +17,7 @@ PACKAGES = {"cure_eval": ROOT / "cure_eval", "cure_eval_plugins": ROOT / "plugin
 #: The command-line modules: they parse arguments, call the library and print.
 CLI_MODULES = {"cure_eval.defend", "cure_eval.audit", "cure_eval.reproduce", "cure_eval.cli"}
 #: The lowest layer: they import nothing from the package but these.
-LOW_LEVEL = {"cure_eval.errors", "cure_eval.modes", "cure_eval.device", "cure_eval.io"}
+LOW_LEVEL = {"cure_eval.errors", "cure_eval.modes", "cure_eval.device", "cure_eval.io", "cure_eval.plugins"}
 #: Measurement layers below training: they never import the training loop or the method API.
 BELOW_TRAINING = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.evaluation")
 TRAINING = {"cure_eval.training", "cure_eval.methods", "cure_eval.pipelines.train"}

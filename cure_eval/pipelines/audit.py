@@ -71,7 +71,6 @@ class AuditOptions:
     download: bool = False
 
 
-
 def attack_label(name: str) -> str:
     """The report label of an attack (``clean`` or the registered attack's ``label``)."""
     return "clean" if name == "clean" else get_attack(name).display_name()
@@ -151,7 +150,7 @@ def audit_models(
     shard = shard or Shard()
     specs = {spec.name for _, spec, _ in loaded}
     if len(specs) > 1:
-        raise UsageError(f"the models come from different datasets ({', '.join(sorted(specs))}): pass --dataset")
+        raise UsageError(f"the checkpoints come from different datasets ({', '.join(sorted(specs))}): pass --dataset")
     labels = audit_labels([desc for _, _, desc in loaded])
     profiles: dict[str, Any] = {}
     combined: dict[str, dict[str, Any]] = {}

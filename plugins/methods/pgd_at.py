@@ -26,7 +26,8 @@ and 154, weight decay 2e-4; our SGD uses Nesterov momentum where Madry's used pl
 digits: Adam 1e-3 cosine, batch 64, 15 epochs, as ``standard``.
 
 The helpers it shares with ``trades`` and ``awp`` live in the core:
-:func:`cure_eval.attacks.pgd.pgd_linf` and :mod:`cure_eval.method_helpers`. Nothing here has state beyond the model and optimiser: resuming is exact.
+:func:`cure_eval.attacks.pgd.pgd_linf` and :mod:`cure_eval.method_helpers`. Nothing here has
+state beyond the model and optimiser: resuming is exact.
 """
 
 from __future__ import annotations
