@@ -40,6 +40,7 @@ from cure_eval.attacks import ATTACKS, MultiStepPGD, run_suite
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
+from cure_eval.testing import small_cnn, train_plain
 
 log = logging.getLogger("bench_audit")
 
@@ -90,32 +91,13 @@ class CountingModel(nn.Module):
         return out
 
 
-def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
-    """The small ReLU CNN of tests/conftest.py."""
-    return nn.Sequential(
-        nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
-    )
-
-
 def train_digits_model(seed: int = 0, epochs: int = 15) -> nn.Module:
     """A normally trained digits CNN, trained like the test fixture (Adam 1e-3, batch 64)."""
     torch.manual_seed(seed)
     spec = get_dataset_spec("digits")
     model = NormalizedModel(small_cnn(), spec.mean, spec.std)
     x, y = load_dataset("digits", "train").tensors
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    return train_plain(model, x, y, epochs=epochs, seed=seed)
 
 
 def plain_forward_throughput(model: nn.Module, shape: tuple[int, ...], batch: int,

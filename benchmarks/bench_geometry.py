@@ -30,13 +30,13 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import cure_eval  # noqa: F401, E402  (registers wide_resnet16_4 in timm)
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.geometry import curvature_profile, hvp_jvp, input_hvp  # noqa: E402
 from cure_eval.models import NormalizedModel  # noqa: E402
+from cure_eval.testing import train_plain  # noqa: E402
 
 
 def build_model(train_epochs: int, seed: int) -> torch.nn.Module:
@@ -46,16 +46,7 @@ def build_model(train_epochs: int, seed: int) -> torch.nn.Module:
     model = NormalizedModel(net, spec.mean, spec.std)
     if train_epochs > 0:
         x, y = load_dataset("digits", "train").tensors
-        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(train_epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), 128):
-                idx = perm[i:i + 128]
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+        return train_plain(model, x, y, epochs=train_epochs, seed=seed, lr=2e-3, batch_size=128)
     return model.eval()
 
 

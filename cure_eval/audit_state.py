@@ -69,15 +69,15 @@ from torch import nn
 
 from . import __version__
 from .attacks import (
-    ATTACKS,
-    CASCADE_ORDER,
-    PGD_STEPS,
     AttackResult,
     SuiteResult,
+    cascade_update,
+    get_attack,
     library_versions,
     run_suite,
 )
-from .errors import CureEvalError, UsageError
+from .attacks import attack_order as _registry_order
+from .errors import CureEvalError
 from .io import _json_default, write_text_atomic
 
 log = logging.getLogger("cure_eval.audit")
@@ -88,7 +88,8 @@ STATE_FILE = "audit_state.json"
 LOCK_FILE = ".audit_state.lock"
 #: Version tag of the state format; another tag is refused like other settings.
 STATE_FORMAT = "cure_eval.audit_state/1"
-#: Chunk ``k``'s PGD random start comes from ``torch.manual_seed(seed + PGD_SEED_STRIDE * k)``.
+#: Chunk ``k``'s PGD random start (any attack with ``chunk_seeded``) comes from
+#: ``torch.manual_seed(seed + PGD_SEED_STRIDE * k)``.
 PGD_SEED_STRIDE = 1_000_003
 #: run_suite settings the audit leaves at their defaults (part of the fingerprint).
 SUITE_DEFAULTS: dict[str, Any] = {"spsa_samples": 128, "deepfool_steps": 50, "deepfool_candidates": 10,
@@ -214,24 +215,29 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
 
 
 def attack_order(attacks: Sequence[str], cascade: bool) -> list[str]:
-    """The requested attacks in the order the suite runs them (``clean`` dropped)."""
-    unknown = [a for a in attacks if a != "clean" and a not in ATTACKS]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(ATTACKS)}")
-    return [a for a in (CASCADE_ORDER if cascade else ATTACKS) if a in set(attacks)]
+    """The requested attacks in the order the suite runs them (``clean`` dropped; unknown names
+    list the registered ones)."""
+    return _registry_order(attacks, cascade=cascade)
 
 
 def unit_plan(attacks: Sequence[str], cascade: bool) -> list[tuple[str, list[str]]]:
-    """``[(unit name, attacks it computes)]`` in run order; the PGD family is one unit ``pgd``."""
+    """``[(unit name, attacks it computes)]`` in run order: an attack alone, or a whole family
+    (the PGD family: one unit ``pgd``) at the place of its first member."""
     order = attack_order(attacks, cascade)
-    pgd = [a for a in order if a in PGD_STEPS]
+    families = {a: get_attack(a).family for a in order}
     plan: list[tuple[str, list[str]]] = []
     for a in order:
-        if a not in PGD_STEPS:
+        fam = families[a]
+        if fam is None:
             plan.append((a, [a]))
-        elif a == pgd[0]:
-            plan.append(("pgd", pgd))
+        elif all(fam != unit for unit, _ in plan):
+            plan.append((fam, [b for b in order if families[b] == fam]))
     return plan
+
+
+def _chunk_seeded(unit: str, names: Sequence[str]) -> bool:
+    """The unit's attacks draw from the global RNG (PGD's random starts): seed it per chunk."""
+    return any(get_attack(a).chunk_seeded for a in names)
 
 
 def pgd_chunk_seed(seed: int, chunk: int) -> int:
@@ -312,6 +318,15 @@ def _lock(out: Path, rank: int) -> int | None:
             f"another audit is running in {out} (rank {rank}'s lock in {LOCK_FILE} is held): wait for it "
             f"or stop it (a torchrun killed with -9 leaves its workers running), or use a new --out") from None
     return fd
+
+
+def not_applicable(reason: str) -> dict[str, Any]:
+    """The record of a stage that does not apply to the audited model (it writes no files)."""
+    return {"status": "not_applicable", "reason": reason}
+
+
+def is_not_applicable(result: Any) -> bool:
+    return isinstance(result, dict) and result.get("status") == "not_applicable"
 
 
 class AuditState:
@@ -407,7 +422,7 @@ class AuditState:
         prev = self.stages.get(name)
         if prev is None or prev.get("settings") != _normal(dict(settings)):
             return None
-        if not all((self.out / f).exists() for f in files):
+        if not is_not_applicable(prev["result"]) and not all((self.out / f).exists() for f in files):
             return None
         return prev["result"]
 
@@ -474,13 +489,7 @@ def _defaults(name: str, clean_pred: torch.Tensor, clean_margin: torch.Tensor,
               correct: torch.Tensor) -> dict[str, Any]:
     """Columns of an attack on a chunk before any point is attacked (as run_suite fills them)."""
     n = len(clean_pred)
-    extra: dict[str, torch.Tensor] = {}
-    if name.startswith("deepfool"):
-        mn = torch.full((n,), float("nan"))
-        mn[~correct] = 0.0
-        extra["min_norm"] = mn
-    elif name == "spsa":
-        extra = {"spsa_margin": torch.full((n,), float("nan")), "iterations": torch.zeros(n, dtype=torch.long)}
+    extra = get_attack(name)().per_sample({}, torch.zeros(0, dtype=torch.long), n, correct)
     return {"attacked": torch.zeros(n, dtype=torch.bool), "adv_pred": clean_pred.clone(),
             "margin": clean_margin.clone(), "linf": torch.zeros(n), "l2": torch.zeros(n), "extra": extra}
 
@@ -495,11 +504,11 @@ def _robust_after(plan: Sequence[tuple[str, list[str]]], records: Sequence[Mappi
                   correct: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The cascade's "still robust" mask after the given units (run_suite's update rules)."""
     robust_now = correct.clone()
-    for (unit, names), rec in zip(plan, records, strict=True):
+    for (_unit, names), rec in zip(plan, records, strict=True):
         for a in names:
             cols = _columns(rec["attacks"][a])
             robust = cols["attacked"] & (cols["adv_pred"] == y)
-            robust_now = robust_now & (robust | ~cols["attacked"]) if unit == "pgd" else robust
+            robust_now = cascade_update(robust_now, robust, cols["attacked"])
     return robust_now
 
 
@@ -565,7 +574,7 @@ def run_resumable_suite(
                 family = 0.0
                 t0 = time.perf_counter()
                 if len(sub):
-                    unit_seed = pgd_chunk_seed(seed, k) if unit == "pgd" else seed
+                    unit_seed = pgd_chunk_seed(seed, k) if _chunk_seeded(unit, names) else seed
                     res = run_suite(model, x[sl][sub], yk[sub], attacks=names, seed=unit_seed, cascade=cascade,
                                     indices=indices[sl][sub], **common)
                     family = float(res.settings.get("pgd_family_seconds", 0.0))
@@ -639,7 +648,7 @@ def _assemble(
             log.info("%s: robust accuracy %.4f (%d attacked, %.2fs)", a, res.robust_accuracy,
                      int(attacked.sum()), res.seconds)
             if cascade:
-                robust_now = robust_now & (res.robust | ~attacked) if unit == "pgd" else res.robust
+                robust_now = cascade_update(robust_now, res.robust, attacked)
     worst = correct.clone()
     for res in results.values():
         worst &= res.robust

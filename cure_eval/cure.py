@@ -53,6 +53,7 @@ from torch import nn
 
 from .errors import UsageError
 from .models import NormalizedModel
+from .modes import eval_mode
 
 BNMode = Literal["eval", "quick_fix", "train", "frozen"]
 BN_MODES: tuple[str, ...] = get_args(BNMode)
@@ -97,18 +98,6 @@ def bn_eval(model: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.train()
-
-
-@contextlib.contextmanager
-def whole_eval(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (the reference's ``net.eval()``); each one's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.train(training)
 
 
 def active_dropout(model: nn.Module) -> list[str]:
@@ -226,7 +215,7 @@ def cure_terms(
     elif bn_mode == "quick_fix":
         logits = net(u)
         loss_vec = F.cross_entropy(logits, y, reduction="none")
-        with whole_eval(net):
+        with eval_mode(net):  # the reference's net.eval(): BatchNorm and dropout
             z = cure_direction(input_gradient(net, u, y, create_graph=False)[0])
         u_req = u.clone().requires_grad_(True)
         # The branch: one autograd.grad of (ℓ(x + hz) − ℓ(x)), both passes in train mode.
@@ -236,7 +225,7 @@ def cure_terms(
     else:
         logits = net(u)  # the loss needs no input gradient
         loss_vec = F.cross_entropy(logits, y, reduction="none")
-        with whole_eval(net):
+        with eval_mode(net):  # the reference's net.eval(): BatchNorm and dropout
             grad, _, _ = input_gradient(net, u, y, create_graph=create_graph)
             z = cure_direction(grad)
             grad_h, _, _ = input_gradient(net, u + h * z, y, create_graph=create_graph)

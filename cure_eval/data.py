@@ -64,7 +64,7 @@ _SPECS: dict[str, DatasetSpec] = {
         name="digits", num_classes=10, in_chans=1, image_size=8, mean=(0.3053,), std=(0.3760,),
         default_eps=32.0, default_h=1.0, pgd_alpha=4.0, class_names=tuple(str(i) for i in range(10)),
     ),
-    # Normalisation constants of the CURE reference code (REFERENCE.md §2). h = 0.6 is the
+    # Normalisation constants of the CURE reference code (docs/references.md §2). h = 0.6 is the
     # reference code's h = 3 in normalised units expressed in [0, 1] pixel space.
     "cifar10": DatasetSpec(
         name="cifar10", num_classes=10, in_chans=3, image_size=32,
@@ -73,7 +73,7 @@ _SPECS: dict[str, DatasetSpec] = {
         class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                      "ship", "truck"),
     ),
-    # The paper evaluates SVHN at ε = 12/255 (REFERENCE.md §1); h = 1.25 in the paper's units.
+    # The paper evaluates SVHN at ε = 12/255 (docs/references.md §1); h = 1.25 in the paper's units.
     "svhn": DatasetSpec(
         name="svhn", num_classes=10, in_chans=3, image_size=32,
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),

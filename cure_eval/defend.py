@@ -22,23 +22,13 @@ exit when training is over.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
 import logging
-import platform
-import shutil
-import time
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from tabulate import tabulate
-
-from . import __version__, distributed
-from .checkpoint import load_checkpoint, unwrap
+from . import distributed
 from .cli import (
     ArgumentParser,
     add_common_arguments,
@@ -47,21 +37,20 @@ from .cli import (
     set_threads,
     setup_logging,
 )
-from .data import DatasetSpec, get_dataset_spec, list_datasets, load_dataset, select_points
+from .data import get_dataset_spec, list_datasets
 from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
-from .evaluation import evaluate
-from .io import write_json_atomic, write_text_atomic
-from .methods import Method, TrainContext, get_method, list_methods, parse_method_args
-from .models import ModelConfig, count_parameters, create_model, model_config_for
-from .training import CHECKPOINT_NAME, METRICS_NAME, TrainResult, is_complete, train
+from .methods import get_method, list_methods, parse_method_args
+from .models import model_config_for
+from .pipelines.train import (
+    PAPER_HINT,
+    DefendSettings,
+    run_defend,
+    standard_model,  # noqa: F401  (re-exported: the name's old home)
+    train_method,  # noqa: F401  (re-exported: the name's old home)
+)
 
 log = logging.getLogger("cure_eval.defend")
-
-PAPER_HINT = (
-    "paper setting (GPU): python -m cure_eval.defend --dataset cifar10 --data-dir data --download "
-    "--model wide_resnet --method cure --preset paper   (WRN-28-10; --model resnet18 for ResNet-18)"
-)
 
 
 def build_parser() -> ArgumentParser:
@@ -124,20 +113,32 @@ def _main(argv: Sequence[str] | None) -> int:
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet or distributed.env_rank() != 0)
     set_threads(args.threads)
-    if args.list_methods:
+    if args.list_methods:  # a result: stdout
         for name in list_methods():
-            log.warning("%-14s %s", name, get_method(name).description)
+            sys.stdout.write(f"{name:<14} {get_method(name).description}\n")
         return 0
     for flag in ("epochs", "pretrain_epochs", "batch_size", "pretrain_batch_size", "eval_n", "train_n"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    settings = _settings(args)
+    device = distributed.setup(resolve_device(args.device))  # this rank's device under torchrun
+    tune_for_fixed_shapes(device)
+    try:
+        result = run_defend(settings, device=device)
+    finally:
+        distributed.teardown()
+    if result is not None:  # rank 0: results on stdout
+        sys.stdout.write(f"{result.table}\n\nrun folder: {result.out}\n")
+    return 0
 
+
+def _settings(args: Any) -> DefendSettings:
+    """The parsed flags resolved into library settings (ε in [0, 1] units, method configs)."""
     spec = get_dataset_spec(args.dataset)
     method_cls = get_method(args.method)
     standard_cls = get_method("standard")
     eps = eps_from_255(spec.default_eps if args.eps is None else args.eps)
-    alpha = spec.pgd_alpha / 255
     mcfg = model_config_for(args.model, spec, depth=args.depth, widen=args.widen)
     overrides = parse_method_args(method_cls, args.method_arg)
     for key, flag in (("epochs", args.epochs), ("batch_size", args.batch_size)):
@@ -149,235 +150,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if flag is not None:
             std_over[key] = flag
     std_cfg = standard_cls.make_config(spec, mcfg.name, overrides=std_over)
-    device = distributed.setup(resolve_device(args.device))  # this rank's device under torchrun
-    tune_for_fixed_shapes(device)
-    try:
-        return _run(args, spec, method_cls, standard_cls, eps, alpha, mcfg, method_cfg, std_cfg, device)
-    finally:
-        distributed.teardown()
-
-
-def _run(args: argparse.Namespace, spec: DatasetSpec, method_cls: type[Method], standard_cls: type[Method], eps: float,
-         alpha: float, mcfg: ModelConfig, method_cfg: Any, std_cfg: Any, device: torch.device) -> int:
-    main_rank = distributed.is_main()
-    progress = not args.no_progress and main_rank
-    world = distributed.world_size()
-    for cfg in (method_cfg, *(() if args.init else (std_cfg,))):
-        if cfg.batch_size % world:  # each rank trains on batch_size / world of every global batch
-            raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {world} processes: "
-                             f"pass a --batch-size that is a multiple of {world}")
-
-    # Data first: a missing data set fails before anything is written.
-    train_ds = load_dataset(spec.name, "train", data_dir=args.data_dir, download=args.download)
-    test_ds = load_dataset(spec.name, "test", data_dir=args.data_dir, download=args.download)
-    x_train, y_train = train_ds.tensors
-    if args.train_n is not None:
-        x_train, y_train = x_train[: args.train_n], y_train[: args.train_n]
-    eval_n = args.eval_n if args.eval_n is not None else (None if spec.name == "digits" else 1000)
-    idx = select_points(len(test_ds), eval_n, args.seed)
-    x_test, y_test = test_ds.tensors[0][idx], test_ds.tensors[1][idx]
-    probe = (x_test[:128], y_test[:128])
-
-    out = Path(args.out or f"runs/{spec.name}_{args.model}_{method_cls.name}_s{args.seed}")
-    if main_rank:
-        if out.exists() and not args.resume and any(out.iterdir()):
-            log.info("run folder %s exists: starting over (pass --resume to continue it)", out)
-        (out / "results.json").unlink(missing_ok=True)  # never leave a stale "finished" result behind
-        (out / "results.md").unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-
-    probe_model = create_model(mcfg)
-    n_params = count_parameters(probe_model)
-    del probe_model
-    with_standard = method_cls.name != "standard"
-    log.info("cure_eval %s | device %s | dataset %s (%d train, %d eval points) | ε = %g/255, PGD step %g/255",
-             __version__, device, spec.name, len(x_train), len(x_test), eps * 255, spec.pgd_alpha)
-    log.info("model %s %s (%.2f M parameters)", mcfg.name, mcfg.kwargs or "", n_params / 1e6)
-    if with_standard:
-        log.info("normal model: standard, %d epochs; then %s, %d epochs%s", std_cfg.epochs, method_cls.name,
-                 method_cfg.epochs, f" from {args.init}" if args.init else "")
-    if spec.name == "digits":
-        log.info("%s", PAPER_HINT)
-
-    config = {
-        "cure_eval_version": __version__, "dataset": spec.name, "model": args.model, "model_config": mcfg.to_dict(),
-        "method": method_cls.name, "method_config": _cfg_dict(method_cfg), "preset": args.preset,
-        "standard_config": _cfg_dict(std_cfg) if with_standard else None, "init": args.init,
-        "eps": eps, "eps_255": eps * 255, "seed": args.seed, "device": str(device), "eval_n": len(x_test),
-        "train_n": len(x_train), "data_dir": args.data_dir, "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if distributed.world_size() > 1:
-        config["world_size"] = distributed.world_size()
-    if main_rank:
-        write_json_atomic(out / "config.json", config)
-    distributed.barrier()
-
-    torch.manual_seed(args.seed)
-    results: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-
-    # 1. The normal model (or the --init checkpoint) that the method starts from / is compared to.
-    base_model: torch.nn.Module | None = None
-    model: torch.nn.Module
-    if args.init:
-        base_model, info = load_checkpoint(args.init, device=device)
-        if info.model.to_dict() != mcfg.to_dict():
-            log.info("--init checkpoint is a %s: using its architecture", info.model.name)
-            mcfg = info.model
-        base_name = "init"
-    elif with_standard or method_cls.name == "standard":
-        base_model, secs = standard_model(
-            standard_cls, std_cfg, spec, mcfg, eps, device, x_train, y_train, out / "standard",
-            cache_dir=None if args.no_cache else Path(args.cache_dir), seed=args.seed,
-            resume=args.resume, probe=probe, progress=progress,
-        )
-        timings["standard"] = secs
-        base_name = "standard"
-
-    def evaluate_base() -> None:
-        assert base_model is not None
-        results["standard"] = evaluate(base_model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
-        results["standard"]["source"] = base_name
-        log.info("standard: clean %.1f %%, PGD(20) %.1f %%", 100 * results["standard"]["clean_accuracy"],
-                 100 * results["standard"]["pgd20_accuracy"])
-
-    # Under torchrun rank 0 evaluates after all training, so the other ranks never wait on it.
-    deferred = distributed.world_size() > 1
-    if base_model is not None and (with_standard or args.init) and not deferred:
-        evaluate_base()
-
-    # 2. The method.
-    if method_cls.name == "standard" and base_model is not None:
-        model = base_model
-        if main_rank:
-            results["standard"] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
-    else:
-        start_from = base_model if (method_cls.fine_tunes or args.init) else None
-        t0 = time.perf_counter()
-        model, res = train_method(method_cls, method_cfg, spec=spec, mcfg=mcfg, eps=eps, device=device,
-                                  x=x_train, y=y_train, out_dir=out / method_cls.name, seed=args.seed,
-                                  resume=args.resume, probe=probe, progress=progress, start_from=start_from)
-        timings[method_cls.name] = res.seconds_per_epoch
-        log.info("%s: %d epochs in %.1f s", method_cls.name, method_cfg.epochs, time.perf_counter() - t0)
-        if main_rank and deferred and base_model is not None and (with_standard or args.init):
-            evaluate_base()
-        if main_rank:
-            results[method_cls.name] = evaluate(model, x_test, y_test, eps=eps, alpha=alpha, device=device, seed=args.seed, progress=progress)
-    if not main_rank:
-        return 0  # training is over; rank 0 evaluates and writes the results
-
-    summary = {
-        "dataset": spec.name, "model": mcfg.name, "model_kwargs": mcfg.kwargs, "method": method_cls.name,
-        "eps": eps, "eps_255": eps * 255, "seed": args.seed, "n_eval": len(x_test),
-        "attack": f"torchattacks.PGD(steps=20, alpha={spec.pgd_alpha:g}/255, random_start=True)",
-        **results,
-        "seconds_per_epoch": timings,
-        "versions": _versions(),
-    }
-    table = _table(results)
-    write_text_atomic(out / "results.md", f"# {spec.name} / {mcfg.name}, ε = {eps * 255:g}/255\n\n" + table + "\n")
-    write_json_atomic(out / "results.json", summary)
-    print_table = logging.getLogger("cure_eval.defend").warning if args.quiet else log.info
-    print_table("\n%s\n\nrun folder: %s", table, out)
-    return 0
-
-
-def train_method(
-    cls: type[Method], cfg: Any, *, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
-    x: torch.Tensor, y: torch.Tensor, out_dir: Path, seed: int, resume: bool = False,
-    probe: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
-    start_from: torch.nn.Module | None = None,
-) -> tuple[torch.nn.Module, TrainResult]:
-    """Train method ``cls`` into ``out_dir``, from a copy of ``start_from`` or from scratch."""
-    if start_from is not None:
-        model = _fresh_copy(start_from, mcfg, device)
-    else:
-        torch.manual_seed(seed + 1)
-        model = create_model(mcfg).to(device)
-    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
-    res = train(model, method, x, y, model_config=mcfg, out_dir=out_dir, seed=seed, resume=resume,
-                probe=probe, progress=progress, checkpoint_extra={"eps": eps})
-    return model, res
-
-
-def standard_model(
-    cls: type[Method], cfg: Any, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
-    x: torch.Tensor, y: torch.Tensor, out: Path, *, cache_dir: Path | None, seed: int, resume: bool,
-    probe: tuple[torch.Tensor, torch.Tensor], progress: bool,
-) -> tuple[torch.nn.Module, float]:
-    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch).
-
-    Under torchrun rank 0 alone copies to and from the cache; every rank loads the same files.
-    """
-    key = _cache_key(spec, mcfg, cfg, seed, len(x))
-    cached = cache_dir / f"standard-{key}" if cache_dir is not None else None
-    if distributed.is_main() and cached is not None and is_complete(cached, cfg.epochs) and not is_complete(out, cfg.epochs):
-        log.info("normal model: reusing cached %s", cached)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cached, out)
-    distributed.barrier()
-    if distributed.broadcast_object(is_complete(out, cfg.epochs) and (resume or cached is not None)):
-        model, _ = load_checkpoint(out / CHECKPOINT_NAME, device=device)
-        metrics = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines() if line.strip()]
-        secs = [float(r["seconds"]) for r in metrics if "seconds" in r]
-        return model, (sum(secs) / len(secs)) if secs else float("nan")
-    torch.manual_seed(seed)
-    model = create_model(mcfg).to(device)
-    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
-    res = train(model, method, x, y, model_config=mcfg, out_dir=out, seed=seed, resume=resume,
-                probe=probe, progress=progress)
-    if cached is not None and distributed.is_main():
-        tmp = cached.with_name(cached.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        shutil.copytree(out, tmp)
-        if cached.exists():
-            shutil.rmtree(cached)
-        tmp.rename(cached)
-    return res.model, res.seconds_per_epoch
-
-
-def _fresh_copy(model: torch.nn.Module, mcfg: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """A separate copy so that fine-tuning never changes the normal model being compared."""
-    copy = create_model(mcfg).to(device)
-    copy.load_state_dict(unwrap(model).state_dict())
-    return copy
-
-
-def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device, cfg: Any, n: int) -> TrainContext:
-    if cfg.batch_size > n:
-        raise UsageError(f"batch size {cfg.batch_size} is larger than the training set ({n}): lower --batch-size")
-    return TrainContext(spec=spec, eps=eps, model_name=mcfg.name, device=device, epochs=cfg.epochs,
-                        steps_per_epoch=n // cfg.batch_size)
-
-
-def _cache_key(spec: DatasetSpec, mcfg: ModelConfig, cfg: Any, seed: int, n: int) -> str:
-    key: dict[str, Any] = {"v": 1, "data": spec.name, "n": n, "model": mcfg.to_dict(), "cfg": _cfg_dict(cfg),
-                           "seed": seed, "torch": torch.__version__.split("+")[0]}
-    if distributed.world_size() > 1:  # per-rank BatchNorm statistics: not the one-process model
-        key["world"] = distributed.world_size()
-    blob = json.dumps(key, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _cfg_dict(cfg: Any) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    rows = [[name, f"{100 * r['clean_accuracy']:.1f}", f"{100 * r['pgd20_accuracy']:.1f}"] for name, r in results.items()]
-    return tabulate(rows, headers=["model", "clean %", "PGD(20) %"], tablefmt="github")
-
-
-def _versions() -> dict[str, str]:
-    import foolbox
-    import timm
-    import torchattacks
-
-    return {"cure_eval": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "torchattacks": torchattacks.__version__, "foolbox": foolbox.__version__}
+    return DefendSettings(
+        spec=spec, model_name=args.model, mcfg=mcfg, method_cls=method_cls, method_cfg=method_cfg,
+        standard_cls=standard_cls, std_cfg=std_cfg, eps=eps, alpha=spec.pgd_alpha / 255,
+        out=Path(args.out or f"runs/{spec.name}_{args.model}_{method_cls.name}_s{args.seed}"), seed=args.seed,
+        preset=args.preset, init=args.init, train_n=args.train_n, eval_n=args.eval_n, data_dir=args.data_dir,
+        download=args.download, resume=args.resume, cache_dir=None if args.no_cache else Path(args.cache_dir),
+        progress=not args.no_progress and distributed.env_rank() == 0,
+    )
 
 
 if __name__ == "__main__":

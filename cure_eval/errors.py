@@ -13,3 +13,10 @@ class UsageError(CureEvalError):
     """Bad arguments: unknown names, values out of range. Exit code 2 (usage)."""
 
     exit_code = 2
+
+
+class NotApplicable(UsageError):
+    """A measurement that does not apply to this model (e.g. WCI without conv/linear weights).
+
+    The pipelines report it as ``{"status": "not_applicable", "reason": ...}`` and keep the rest of
+    the audit; called directly, it is a usage error (exit code 2)."""

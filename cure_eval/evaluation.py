@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torchattacks
 from torch import nn
 from tqdm.auto import tqdm
 
+from .attacks.pgd import MultiStepPGD
 from .device import seeded_rng
-from .training import eval_mode
+from .modes import eval_mode
 
 
 @torch.no_grad()
@@ -26,17 +26,20 @@ def pgd_accuracy(
     steps: int = 20, alpha: float = 2 / 255, batch_size: int = 256, seed: int = 0,
     progress: bool = True,
 ) -> float:
-    """Robust accuracy under ``torchattacks.PGD(eps, alpha, steps, random_start=True)``.
+    """Robust accuracy under ``torchattacks.PGD(eps, alpha, steps, random_start=True)`` (run as
+    :class:`~cure_eval.attacks.pgd.MultiStepPGD`, its bit-identical subclass).
 
     The random start is drawn from a forked RNG seeded with ``seed``, so the caller's RNG state is
     untouched and the number is reproducible.
     """
+    if eps <= 0:  # nothing to perturb: the clean accuracy
+        return int((predict(model, x, device=device, batch_size=batch_size) == y.cpu()).sum()) / max(1, len(x))
     correct = 0
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    atk = MultiStepPGD(model, eps=eps, alpha=alpha, steps=[steps], random_start=True)  # = torchattacks.PGD
     with seeded_rng(seed, device):
         for i in tqdm(range(0, len(x), batch_size), desc=f"PGD({steps})", disable=not progress, leave=False):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            adv = atk(xb, yb)
+            adv = atk(xb, yb)[steps]
             correct += int((predict(model, adv, device=device) == yb.cpu()).sum())
     return correct / max(1, len(x))
 

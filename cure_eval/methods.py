@@ -16,18 +16,21 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 from torch import nn
 
 from .data import DatasetSpec
 from .errors import UsageError
+from .plugins import PluginRegistry
 
 log = logging.getLogger(__name__)
 
 METHOD_ENTRY_POINT_GROUP = "cure_eval.methods"
+
+OptimizerName = Literal["sgd", "adam"]
+LRSchedule = Literal["cosine", "exponential", "step", "constant"]
 
 
 #: What :meth:`Method.step` returns: metric name → float or 0-dim tensor.
@@ -40,10 +43,10 @@ class MethodConfig:
 
     epochs: int = 10
     batch_size: int = 128
-    optimizer: str = "sgd"  # sgd | adam
+    optimizer: OptimizerName = "sgd"
     lr: float = 0.1
     lr_final: float | None = None  # cosine/exponential decay target; None: cosine to 0
-    lr_schedule: str = "cosine"  # cosine | exponential | step | constant
+    lr_schedule: LRSchedule = "cosine"
     lr_milestones: tuple[int, ...] = ()  # epochs at which "step" multiplies lr by 0.1
     momentum: float = 0.9
     nesterov: bool = True  # the Madry/TRADES/AWP references use plain momentum (their presets say so)
@@ -62,12 +65,17 @@ class TrainContext:
     steps_per_epoch: int
 
 
-class Method(ABC):
-    """Base class of a training method.
+#: The config type of a method: ``class MyMethod(Method[MyConfig])`` types ``self.config``.
+C = TypeVar("C", bound=MethodConfig)
 
-    Subclasses set ``name``, ``description``, ``Config`` (a :class:`MethodConfig` dataclass) and
-    implement :meth:`step`. Optional hooks: :meth:`presets`, :meth:`default_config`,
-    :meth:`start_epoch`, :meth:`probe_metrics`.
+
+class Method(ABC, Generic[C]):
+    """Base class of a training method, generic over its config dataclass.
+
+    Subclasses derive ``Method[TheirConfig]``, set ``name``, ``description``, ``Config`` (the same
+    :class:`MethodConfig` dataclass) and implement :meth:`step`; ``self.config`` then has the
+    config's type (no ``isinstance`` checks). Optional hooks: :meth:`presets`,
+    :meth:`default_config`, :meth:`check`, :meth:`start_epoch`, :meth:`probe_metrics`.
     """
 
     name: ClassVar[str]
@@ -76,9 +84,9 @@ class Method(ABC):
     fine_tunes: ClassVar[bool] = False
     Config: ClassVar[type[MethodConfig]] = MethodConfig
 
-    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
+    def __init__(self, config: C, ctx: TrainContext) -> None:
         type(self).check(config)
-        self.config = config
+        self.config: C = config
         self.ctx = ctx
         self.epoch = 0
 
@@ -94,7 +102,7 @@ class Method(ABC):
         return {}
 
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
+    def check(cls, config: C) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError` (default: accept).
 
         Called by :meth:`make_config` (so bad ``--method-arg`` values fail before any training)
@@ -106,7 +114,7 @@ class Method(ABC):
     def make_config(
         cls, spec: DatasetSpec, model_name: str, *, preset: str | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> MethodConfig:
+    ) -> C:
         """Resolve defaults → dataset defaults → preset → user overrides into a Config."""
         values: dict[str, Any] = dict(cls.default_config(spec, model_name))
         if preset is not None:
@@ -122,7 +130,7 @@ class Method(ABC):
             raise UsageError(
                 f"method {cls.name!r} has no option {', '.join(unknown)} (options: {', '.join(sorted(fields))})"
             )
-        config = cls.Config(**values)
+        config = cast(C, cls.Config(**values))
         cls.check(config)
         return config
 
@@ -174,37 +182,26 @@ class Method(ABC):
         return {}
 
 
+def config_dict(config: MethodConfig) -> dict[str, Any]:
+    """A method config as a JSON-ready dict (tuples become lists): run folders, checkpoints, cache keys."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
 # -- registry --------------------------------------------------------------------------------
-_REGISTRY: dict[str, type[Method]] = {}  # explicit register_method() calls
-_FROM_ENTRY_POINTS: dict[str, type[Method]] = {}
+_METHODS: PluginRegistry[type[Method[Any]]] = PluginRegistry(group=METHOD_ENTRY_POINT_GROUP, base=Method,
+                                                              kind="method")
+
+M = TypeVar("M", bound="type[Method[Any]]")
 
 
-def register_method(cls: type[Method]) -> type[Method]:
+def register_method(cls: M) -> M:
     """Register a method class (usable as a decorator). Re-registering a name replaces it."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"{cls!r} is not a subclass of cure_eval.methods.Method")
-    _REGISTRY[cls.name] = cls
+    _METHODS.register(cls)
     return cls
 
 
-def _available() -> dict[str, type[Method]]:
-    """Entry-point methods (scanned on every call, so newly installed plugins appear; loaded
-    classes are cached) overridden by explicit :func:`register_method` calls."""
-    found: dict[str, type[Method]] = {}
-    for ep in entry_points(group=METHOD_ENTRY_POINT_GROUP):
-        key = f"{ep.name}={ep.value}"
-        if key not in _FROM_ENTRY_POINTS:
-            try:
-                cls = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not hide the others
-                log.warning("method plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
-                continue
-            if not (isinstance(cls, type) and issubclass(cls, Method)):
-                log.warning("method plugin %s (%s) is not a cure_eval.methods.Method", ep.name, ep.value)
-                continue
-            _FROM_ENTRY_POINTS[key] = cls
-        found[ep.name] = _FROM_ENTRY_POINTS[key]
-    return {**found, **_REGISTRY}
+def _available() -> dict[str, type[Method[Any]]]:
+    return _METHODS.available()
 
 
 def list_methods() -> list[str]:
@@ -212,7 +209,7 @@ def list_methods() -> list[str]:
     return sorted(_available())
 
 
-def get_method(name: str) -> type[Method]:
+def get_method(name: str) -> type[Method[Any]]:
     """The method class registered as ``name``; an unknown name lists the valid ones."""
     methods = _available()
     try:
@@ -223,10 +220,10 @@ def get_method(name: str) -> type[Method]:
 
 def unregister_method(name: str) -> None:
     """Remove a method added with :func:`register_method` (entry points are unaffected)."""
-    _REGISTRY.pop(name, None)
+    _METHODS.unregister(name)
 
 
-def parse_method_args(cls: type[Method], items: list[str]) -> dict[str, Any]:
+def parse_method_args(cls: type[Method[Any]], items: list[str]) -> dict[str, Any]:
     """Parse ``key=value`` strings into typed overrides for ``cls.Config``."""
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     out: dict[str, Any] = {}

@@ -12,12 +12,11 @@ averaged before each ``optimizer.step()``; rank 0 alone writes the files.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import (
+    CHECKPOINT_NAME,
     CheckpointInfo,
     load_train_state,
     save_checkpoint,
@@ -38,26 +38,14 @@ from .checkpoint import (
 from .data import DatasetSpec
 from .errors import CureEvalError, UsageError
 from .io import append_jsonl, read_jsonl, write_text_atomic
-from .methods import Method
+from .methods import Method, config_dict
 from .models import ModelConfig
+from .modes import eval_mode  # noqa: F401  (re-exported: the name's old home)
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.jsonl"
-CHECKPOINT_NAME = "model.safetensors"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore every submodule's previous mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.train(training)
 
 
 def augment(x: torch.Tensor, spec: DatasetSpec, gen: torch.Generator) -> torch.Tensor:
@@ -213,7 +201,7 @@ def train(
         averager = distributed.GradientAverager(optimizer, unwrap(model))
 
     info = CheckpointInfo(model=model_config, dataset=ctx.spec.name, method=method.name,
-                          method_config=_config_dict(cfg), extra=dict(checkpoint_extra or {}))
+                          method_config=config_dict(cfg), extra=dict(checkpoint_extra or {}))
     # On a GPU the training set lives there (CIFAR-10: 0.6 GB) and is gathered and augmented there;
     # the batch order is drawn on the host once per epoch and copied in one transfer.
     xs, ys = to_device(x, device), to_device(y, device)
@@ -323,12 +311,6 @@ def _read_means(sums: dict[str, torch.Tensor | float], steps: int) -> dict[str, 
         flat = torch.stack([t.reshape(()) for t in tensors.values()]).cpu()
         values.update(zip(tensors, flat.tolist(), strict=True))
     return {k: values[k] / steps for k in sums}
-
-
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def _jsonl(row: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Before torch is imported: idle OpenMP threads must not spin on a shared 2-core machine.
@@ -11,38 +12,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from torch import nn  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the timm models)
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.models import NormalizedModel  # noqa: E402
+from cure_eval.testing import small_cnn, train_plain  # noqa: E402,F401  (tests import them from here)
 
 # Small models on a 2-core machine: one thread avoids OpenMP oversubscription (10x slower).
 torch.set_num_threads(1)
 
 
-def small_cnn(num_classes: int = 10, in_chans: int = 1) -> nn.Module:
-    """A small ReLU CNN for 8×8 digits (no BatchNorm, so it is deterministic in either mode)."""
-    return nn.Sequential(
-        nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, num_classes),
-    )
-
-
-def train_plain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15,
-                seed: int = 0, lr: float = 1e-3) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One torch thread in every test module, restored afterwards (a test may change it)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")
@@ -73,15 +59,11 @@ import torch
 from torch import nn
 from cure_eval.models import NormalizedModel
 from cure_eval.data import get_dataset_spec
+from cure_eval.testing import small_cnn
 
 def build():
     spec = get_dataset_spec("digits")
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-    return NormalizedModel(net, spec.mean, spec.std)
+    return NormalizedModel(small_cnn(), spec.mean, spec.std)
 
 def nan_model():
     class NaN(nn.Module):

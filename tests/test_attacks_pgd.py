@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torchattacks
@@ -13,14 +11,6 @@ from cure_eval.errors import UsageError
 
 EPS = 32 / 255
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Small models on a shared 2-core box run ~10x faster single-threaded (no OpenMP spinning).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import foolbox
 import pytest
 import torch
@@ -16,13 +14,6 @@ from cure_eval.errors import UsageError
 
 EPS = 32 / 255
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def linear_model(seed: int = 0) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import foolbox
 import pytest
@@ -22,19 +21,14 @@ from cure_eval.attacks import (
     suite_rows,
     suite_summary,
 )
+from cure_eval.attacks.base import AttackOutput
+from cure_eval.attacks.fgsm import FGSM
 from cure_eval.errors import CureEvalError, UsageError
 
 EPS = 32 / 255
 SEED = 5
 SPSA_ITERS = 30  # fewer than the default 100: enough for these assertions, keeps the test fast
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +158,10 @@ def test_broken_attack_inside_the_suite_raises_and_restores_mode(
     _, x, y = points
     model = trained_digits_model
 
-    def broken_fgsm(ctx, xs, ys):
-        return (xs + 3 * EPS).clamp(0, 1), 0.0  # ignores the ε-ball
+    def broken_fgsm(self, ctx, xs, ys, ids):
+        return AttackOutput(x_adv=(xs + 3 * EPS).clamp(0, 1), seconds=0.0)  # ignores the ε-ball
 
-    monkeypatch.setattr(suite_mod, "_run_fgsm", broken_fgsm)
+    monkeypatch.setattr(FGSM, "run", broken_fgsm)
     model.train()
     try:
         with pytest.raises(CureEvalError, match="fgsm returned .* outside the linf ε-ball"):

@@ -17,17 +17,12 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 from cure_eval.data import get_dataset_spec
-from cure_eval.masking import QuantizedInput
+from cure_eval.testing import QuantizedInput, small_cnn
 from cure_eval.models import NormalizedModel
 
 def _normal():
     spec = get_dataset_spec("digits")
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-    model = NormalizedModel(net, spec.mean, spec.std)
+    model = NormalizedModel(small_cnn(), spec.mean, spec.std)
     model.load_state_dict(load_file(str(Path(__file__).with_name("weights.safetensors"))))
     return model
 

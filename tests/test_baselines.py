@@ -24,6 +24,7 @@ from cure_eval.geometry import curvature_profile, curvature_summaries
 from cure_eval.io import read_jsonl
 from cure_eval.methods import TrainContext, get_method, list_methods
 from cure_eval.models import ModelConfig, NormalizedModel
+from cure_eval.testing import small_cnn
 from cure_eval.training import train
 
 BASELINES = {"pgd_at": False, "adv_finetune": True, "trades": False, "awp": False}  # name: fine_tunes
@@ -31,14 +32,6 @@ SPEC = get_dataset_spec("digits")
 EPS = 32 / 255
 CPU = torch.device("cpu")
 TINY = ["--depth", "10", "--widen", "1", "--eval-n", "30", "--train-n", "256", "--no-progress", "--quiet"]
-
-
-def small_cnn() -> nn.Module:
-    """conftest's small ReLU CNN for 8×8 digits (no BatchNorm)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
 
 
 def _ctx(epochs: int = 1, steps: int = 1) -> TrainContext:
@@ -92,7 +85,7 @@ def test_baselines_are_entry_points_and_listed(capsys: pytest.CaptureFixture[str
             cls.make_config(get_dataset_spec("cifar10"), "wide_resnet28_10", preset=preset)
     assert set(BASELINES) <= set(list_methods())
     assert defend_main(["--list-methods"]) == 0
-    err = capsys.readouterr().err
+    err = capsys.readouterr().out  # the list is a result: stdout
     assert all(name in err for name in BASELINES)
 
 

@@ -72,7 +72,7 @@ def test_torchrun_cure_with_its_normal_model_writes_the_run_folder(tmp_path: Pat
     rows = read_jsonl(out / "cure" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1] and rows[0]["regularizer"] > 0 and "probe_pgd20_acc" in rows[0]
     assert len(list(cache.iterdir())) == 1  # rank 0 alone filled the cache
-    assert res.stderr.count("| model ") == 1  # one table: rank 0 alone logs and evaluates
+    assert res.stdout.count("| model ") == 1  # one table (stdout): rank 0 alone evaluates and prints
 
 
 def test_torchrun_standard_killed_then_resumed(tmp_path: Path) -> None:

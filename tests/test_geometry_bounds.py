@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,15 +10,6 @@ import torch
 from scipy.optimize import minimize
 
 from cure_eval.geometry import LOG2, theorem1_bounds, theorem1_points, threshold_distance
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread on a shared CPU (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def quadratic_case(d: int, seed: int, *, nu_sign: int = 1) -> tuple[np.ndarray, np.ndarray, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cure_eval.geometry import format_table, loss_plane, measure_geometry, plot_profiles
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run far faster on one thread on a shared CPU (no OpenMP barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-import cure_eval.masking as masking
+import cure_eval.masking.run as masking_run
 from cure_eval.attacks import run_suite
 from cure_eval.cure import cure_terms
 from cure_eval.data import get_dataset_spec
@@ -39,6 +39,7 @@ from cure_eval.masking import (
     run_masking_check,
     still_improving,
 )
+from cure_eval.testing import NoGradient
 
 EPS = 32 / 255
 ALPHA = get_dataset_spec("digits").pgd_alpha / 255
@@ -189,17 +190,6 @@ def test_probability_outputs(trained_digits_model: nn.Module, points: tuple[torc
     assert check_probability_outputs(trained_digits_model, x, device="cpu").status == "PASS"
 
 
-class _Detached(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out: torch.Tensor = self.model(x)
-        return out
-
-
 class _NaNGrad(nn.Module):
     """sqrt at 0 on the input: infinite derivative, NaN after the chain rule with a 0."""
 
@@ -215,7 +205,7 @@ class _NaNGrad(nn.Module):
 def test_gradients_broken_graph_and_nan(trained_digits_model: nn.Module,
                                         points: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = points
-    broken = check_gradients(_Detached(trained_digits_model), x, y, device="cpu")
+    broken = check_gradients(NoGradient(trained_digits_model), x, y, device="cpu")
     assert broken.status == "FAIL" and broken.value == 1.0 and broken.details["graph_broken"]
     nan = check_gradients(_NaNGrad(trained_digits_model), x, y, device="cpu")  # digits have exact 0 pixels
     assert nan.status == "FAIL" and nan.details["nonfinite"] > 0
@@ -285,7 +275,7 @@ def test_reuses_suite_and_matches_own_run(trained_digits_model: nn.Module, point
     def no_attacks(*a: object, **k: object) -> None:
         raise AssertionError("the masking check attacked again instead of reusing the suite")
 
-    monkeypatch.setattr(masking, "run_suite", no_attacks)
+    monkeypatch.setattr(masking_run, "run_suite", no_attacks)
     reused = _check(trained_digits_model, x, y, spsa_iterations=20, suite=suite)
     assert reused.settings["reused_from_suite"] == ["fgsm", "pgd40", "pgd100", "spsa"]
     assert reused.settings["ran"] == []
@@ -293,7 +283,7 @@ def test_reuses_suite_and_matches_own_run(trained_digits_model: nn.Module, point
     # a cascade suite is not reused (its per-attack results cover only some points)
     cascade = run_suite(trained_digits_model, x, y, eps=EPS, device="cpu", attacks=["fgsm"],
                         cascade=True, pgd_alpha=ALPHA, progress=False)
-    assert masking._reusable(cascade, x, y, EPS) == []
+    assert masking_run._reusable(cascade, x, y, EPS) == []
 
 
 def test_report_outputs(normal_report: MaskingReport, cure_report: MaskingReport, tmp_path: Path) -> None:
@@ -319,9 +309,9 @@ def test_finding_to_dict() -> None:
 
 def test_usage_errors(trained_digits_model: nn.Module, points: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = points
-    with pytest.raises(masking.UsageError):
+    with pytest.raises(masking_run.UsageError):
         run_masking_check(trained_digits_model, x, y, eps=0.0, device="cpu")
-    with pytest.raises(masking.UsageError):
+    with pytest.raises(masking_run.UsageError):
         run_masking_check(trained_digits_model, x, y, eps=EPS, device="cpu", spsa_iterations=0)
 
 

@@ -51,7 +51,7 @@ def test_registration_function(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         assert "toy_method" in list_methods()
         assert defend_main(["--list-methods"]) == 0
-        assert "toy_method" in capsys.readouterr().err
+        assert "toy_method" in capsys.readouterr().out  # the list is a result: stdout
     finally:
         unregister_method("toy_method")
     assert "toy_method" not in list_methods()

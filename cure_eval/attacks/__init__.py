@@ -1,21 +1,41 @@
-"""Attacks for robustness audits: PGD family, SPSA (foolbox), DeepFool (foolbox), FGSM, the suite.
+"""Attacks for robustness audits: a registry of attack plugins and the suite that runs them.
 
-See :mod:`cure_eval.attacks.suite` for the rules every reported number obeys.
+Built-ins, one module each, registered through the entry-point group ``cure_eval.attacks``
+exactly as a third-party package would: ``fgsm`` (:mod:`.fgsm`), ``pgd7/20/40/100``
+(:mod:`.pgd`, one trajectory), ``deepfool_linf``/``deepfool_l2`` (:mod:`.deepfool`), ``spsa``
+(:mod:`.spsa`). The plugin contract is :class:`~cure_eval.attacks.base.Attack`; see
+:mod:`cure_eval.attacks.suite` for the rules every reported number obeys.
 """
 
 from __future__ import annotations
 
-from .base import AttackResult, adversarial_margin
-from .pgd import DEFAULT_PGD_STEPS, MultiStepPGD
+from .base import (
+    Attack,
+    AttackConfig,
+    AttackContext,
+    AttackOutput,
+    AttackResult,
+    adversarial_margin,
+    require_input_gradients,
+)
+from .pgd import DEFAULT_PGD_STEPS, MultiStepPGD, PGDConfig
+from .registry import (
+    ATTACK_ENTRY_POINT_GROUP,
+    attack_order,
+    check_attack_names,
+    get_attack,
+    list_attacks,
+    register_attack,
+    unregister_attack,
+)
 from .spsa import LinfSPSAAttack, SPSAOutput, spsa_attack, spsa_gradient
 from .suite import (
     ATTACK_NAMES,
     ATTACKS,
-    CASCADE_ORDER,
     EPS_TOL,
-    PGD_STEPS,
     EpsSweepResult,
     SuiteResult,
+    cascade_update,
     check_adversarial,
     eps_sweep,
     library_versions,
@@ -29,22 +49,33 @@ from .suite import (
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_ENTRY_POINT_GROUP",
     "ATTACK_NAMES",
+    "Attack",
+    "AttackConfig",
+    "AttackContext",
+    "AttackOutput",
     "AttackResult",
-    "CASCADE_ORDER",
     "DEFAULT_PGD_STEPS",
     "EPS_TOL",
     "EpsSweepResult",
     "LinfSPSAAttack",
     "MultiStepPGD",
-    "PGD_STEPS",
+    "PGDConfig",
     "SPSAOutput",
     "SuiteResult",
     "adversarial_margin",
+    "attack_order",
+    "cascade_update",
     "check_adversarial",
+    "check_attack_names",
     "eps_sweep",
+    "get_attack",
     "library_versions",
+    "list_attacks",
     "perturbation_norms",
+    "register_attack",
+    "require_input_gradients",
     "run_attack",
     "run_suite",
     "spsa_attack",
@@ -52,4 +83,5 @@ __all__ = [
     "suite_rows",
     "suite_summary",
     "threat_norm",
+    "unregister_attack",
 ]

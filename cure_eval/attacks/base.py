@@ -1,10 +1,39 @@
-"""The record every attack in the suite produces, and the per-point quantities it holds."""
+"""The attack plugin contract (:class:`Attack`), the context the suite runs attacks in, and the
+record every attack in the suite produces (:class:`AttackResult`).
+
+An attack is a class derived from ``Attack[ItsConfig]`` (like a training method), registered
+under the entry-point group ``cure_eval.attacks`` (see :mod:`cure_eval.attacks.registry`). It
+declares:
+
+* ``name`` (``--attacks`` name), ``label`` (report table), ``norm`` (``"linf"`` or ``"l2"``: the
+  ball its points must lie in, radius ``eps`` or ``eps_l2``), ``needs`` (what it needs from the
+  model: ``{"gradients"}`` for white-box attacks, empty for gradient-free ones), ``order`` (report
+  order) and ``cost`` (cascade order, cheap → expensive), ``extras`` (the names of its per-point
+  extra columns), ``Config`` (a dataclass deriving :class:`AttackConfig`);
+* :meth:`Attack.run`: given the clean-correct (or, in a cascade, still robust) points, return an
+  :class:`AttackOutput`: the adversarial points, per-point extras, seconds.
+
+The suite (:func:`cure_eval.attacks.suite.run_suite`) does the rest for every attack alike:
+checks every returned point against the ε-ball and [0, 1], evaluates the model there (robust,
+margin, norms) and keeps the worst case. Attacks that share one run (the PGD family: one trajectory
+serves PGD(7/20/40/100)) set ``family`` and override :meth:`Attack.run_family`.
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import NotApplicable
+from ..modes import eval_mode
 
 
 def adversarial_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -16,6 +45,18 @@ def adversarial_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     other = logits.clone()
     other.scatter_(1, labels[:, None], float("-inf"))
     return true - other.max(dim=1).values
+
+
+def require_input_gradients(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise :class:`~cure_eval.errors.NotApplicable` unless the model's logits depend
+    differentiably on its input (gradient attacks and curvature need that). One forward pass on
+    two points of ``x`` (already on the model's device), eval mode, the caller's mode restored."""
+    xb = x[:2].detach().clone().requires_grad_(True)
+    with torch.enable_grad(), eval_mode(model):
+        out = model(xb)
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        raise NotApplicable("the model's logits have no gradient with respect to its input (no autograd "
+                            "graph): gradient-based attacks and measurements do not apply")
 
 
 @dataclass
@@ -44,3 +85,137 @@ class AttackResult:
     @property
     def robust_accuracy(self) -> float:
         return float(self.robust.double().mean()) if len(self.robust) else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# The attack plugin contract.
+# --------------------------------------------------------------------------------------------
+Norm = Literal["linf", "l2"]
+#: What an attack needs from the model: ``"gradients"`` (input gradients, white-box).
+Need = Literal["gradients"]
+
+
+@dataclass
+class AttackConfig:
+    """Settings of one attack; subclasses add their own typed fields (all with defaults)."""
+
+
+@dataclass
+class AttackContext:
+    """What every attack runs with: the model (eval mode, on ``device``), batching, the radii and
+    the seed. Attacks read their own settings from their config, never from here."""
+
+    model: nn.Module
+    device: torch.device
+    batch_size: int
+    progress: bool
+    eps: float
+    eps_l2: float
+    seed: int
+    _fmodel: Any = None
+
+    @property
+    def fmodel(self) -> Any:
+        """The model as a foolbox ``PyTorchModel`` on ``device``, bounds (0, 1) (made once)."""
+        if self._fmodel is None:
+            import foolbox
+
+            self._fmodel = foolbox.PyTorchModel(self.model, bounds=(0, 1), device=self.device)
+        return self._fmodel
+
+    def radius(self, norm: Norm) -> float:
+        return self.eps_l2 if norm == "l2" else self.eps
+
+    def batches(self, n: int) -> Iterator[slice]:
+        for s in range(0, n, self.batch_size):
+            yield slice(s, min(s + self.batch_size, n))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of CPU points ``x``, batch by batch, on the CPU (float32)."""
+        out = []
+        with torch.no_grad():
+            for sl in self.batches(len(x)):
+                out.append(self.model(x[sl].to(self.device)).float().cpu())
+        if not out:
+            return torch.zeros(0, 0)
+        return torch.cat(out)
+
+    def bar(self, name: str, total: int, unit: str = "pt") -> Any:
+        return tqdm(total=total, desc=name, unit=unit, disable=not self.progress, leave=False)
+
+
+@dataclass
+class AttackOutput:
+    """What :meth:`Attack.run` returns for the ``m`` points it was given.
+
+    ``x_adv``: ``(m, ...)`` adversarial points (CPU). ``extra``: per-point columns of length
+    ``m`` named in :attr:`Attack.extras`. ``attacked``: which of the ``m`` points the attack
+    speaks for (``None``: all; the PGD family in a cascade drops points an earlier step count
+    already fooled). ``seconds``: wall time.
+    """
+
+    x_adv: torch.Tensor
+    seconds: float
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    attacked: torch.Tensor | None = None
+
+
+C = TypeVar("C", bound=AttackConfig)
+
+
+class Attack(ABC, Generic[C]):
+    """Base class of an attack plugin (see the module docs for the contract)."""
+
+    name: ClassVar[str]
+    label: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    norm: ClassVar[Norm] = "linf"
+    needs: ClassVar[frozenset[Need]] = frozenset({"gradients"})
+    #: report order (built-ins 0-99; third-party attacks default after them)
+    order: ClassVar[float] = 100.0
+    #: cascade order, cheap → expensive
+    cost: ClassVar[float] = 100.0
+    #: attacks that share one run (same ``family``): :meth:`run_family` runs them together
+    family: ClassVar[str | None] = None
+    #: per-point extra columns this attack returns (filled with NaN where it did not attack)
+    extras: ClassVar[tuple[str, ...]] = ()
+    #: draws from the global RNG (a sharded/resumed audit seeds it per chunk)
+    chunk_seeded: ClassVar[bool] = False
+    Config: ClassVar[type[AttackConfig]] = AttackConfig
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]
+
+    @classmethod
+    def display_name(cls) -> str:
+        return cls.label or cls.name
+
+    @abstractmethod
+    def run(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackOutput:
+        """Attack the CPU points ``x`` (labels ``y``, dataset indices ``ids``) at ``ctx.radius(norm)``."""
+
+    @classmethod
+    def run_family(
+        cls, ctx: AttackContext, members: list[Attack[Any]], x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+        *, cascade: bool,
+    ) -> dict[str, AttackOutput]:
+        """Run every member of this attack's family on the same points (default: one by one)."""
+        return {m.name: m.run(ctx, x, y, ids) for m in members}
+
+    def per_sample(self, extra: dict[str, torch.Tensor], idx: torch.Tensor, n: int,
+                   correct: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scatter the extras of the attacked points ``idx`` onto all ``n`` points (NaN elsewhere).
+        ``correct``: the clean-correct points (an override may fill those it never attacked)."""
+        return {k: scatter(n, idx, extra[k] if k in extra else torch.zeros(0), math.nan) for k in self.extras}
+
+
+def scatter(n: int, idx: torch.Tensor, values: torch.Tensor, fill: float) -> torch.Tensor:
+    """A length-``n`` CPU tensor with ``values`` at ``idx`` and ``fill`` elsewhere."""
+    out = torch.full((n,), fill, dtype=values.dtype if values.is_floating_point() else torch.float32)
+    out[idx] = values.to(out.dtype).cpu()
+    return out
+
+
+def timed(start: float) -> float:
+    """Seconds since ``start`` (a :func:`time.perf_counter` value)."""
+    return time.perf_counter() - start

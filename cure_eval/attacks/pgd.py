@@ -1,4 +1,11 @@
-"""PGD with several step counts from one trajectory.
+"""ℓ∞ PGD: :class:`MultiStepPGD` (evaluation: several step counts from one trajectory,
+torchattacks-exact) and :func:`pgd_linf` (training: the inner maximisation of PGD-AT and AWP).
+
+They are kept apart on purpose: :class:`MultiStepPGD` does torchattacks' operations in
+torchattacks' order (batch-mean loss, ``clamp(δ, -ε, ε)``) so that the audit equals
+``torchattacks.PGD`` bit for bit; :func:`pgd_linf` is the training loop's (summed loss, only input
+gradients, ``min(max(x, x0 - ε), x0 + ε)``, any ``forward`` such as AWP's functional proxy).
+Merging them would change the last bits of either the audit numbers or the training runs.
 
 Projected gradient descent (Madry et al. 2018, https://arxiv.org/abs/1706.06083) with a fixed
 step size and a fixed random start is a prefix process: the iterate after ``k`` steps of a
@@ -19,16 +26,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
+from ..device import seeded_rng
 from ..errors import UsageError
+from ..modes import preserved_mode
+from .base import Attack, AttackConfig, AttackContext, AttackOutput
 
 log = logging.getLogger(__name__)
+
+#: ``forward(inputs) -> logits``: a model, or a functional copy of one.
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 #: Step counts recorded by default: the PGD(7/20/40/100) columns of the CURE paper.
 DEFAULT_PGD_STEPS: tuple[int, ...] = (7, 20, 40, 100)
@@ -97,13 +112,9 @@ class MultiStepPGD(torchattacks.PGD):
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:  # type: ignore[override]
         """torchattacks' call (eval mode during the attack), restoring the mode even on error."""
-        was_training = self.model.training
-        try:
-            with torch.enable_grad():
-                result: dict[int, torch.Tensor] = super().__call__(images, labels)
-            return result
-        finally:
-            self.model.train(was_training)
+        with preserved_mode(self.model), torch.enable_grad():
+            result: dict[int, torch.Tensor] = super().__call__(images, labels)
+        return result
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[int, torch.Tensor]:  # type: ignore[override]
         """Run ``max(steps)`` PGD iterations; return ``{k: iterate after k steps}``."""
@@ -116,8 +127,7 @@ class MultiStepPGD(torchattacks.PGD):
         adv_images = images.clone().detach()
         if self.random_start:
             # Same call, same order as torchattacks.PGD: keeps the global RNG stream identical.
-            adv_images = adv_images + torch.empty_like(adv_images).uniform_(-self.eps, self.eps)
-            adv_images = torch.clamp(adv_images, min=0, max=1).detach()
+            adv_images = linf_random_start(adv_images, self.eps)
 
         wanted = set(self.step_counts)
         record: dict[int, torch.Tensor] = {}
@@ -166,6 +176,136 @@ class MultiStepPGD(torchattacks.PGD):
         outputs = self.get_logits(adv_images)
         cost = -loss(outputs, target_labels) if self.targeted else loss(outputs, labels)
         grad = torch.autograd.grad(cost, adv_images, retain_graph=False, create_graph=False)[0]
-        adv_images = adv_images.detach() + self.alpha * grad.sign()
-        delta = torch.clamp(adv_images - images, min=-self.eps, max=self.eps)
-        return torch.clamp(images + delta, min=0, max=1).detach()
+        return linf_step(adv_images, grad, images, eps=self.eps, alpha=self.alpha)
+
+
+def pgd_linf(
+    model: Forward, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
+    random_start: bool = True,
+) -> torch.Tensor:
+    """ℓ∞ PGD on the cross-entropy (Madry et al. 2018), returning detached adversarial inputs.
+
+    Start: ``x + U(-ε, ε)`` clipped to [0, 1] (or ``x``); then ``steps`` times
+    ``x ← clip_[0,1](clip_{x0±ε}(x + α·sign ∇ₓ CE))``. Only input gradients are computed
+    (``autograd.grad``), so no parameter ``.grad`` is touched. Uses the global RNG of ``x``'s device.
+    """
+    x0 = x.detach()
+    adv = linf_random_start(x0, eps) if random_start else x0.clone()
+    for _ in range(steps):
+        adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, adv)
+        adv = linf_step(adv, grad, x0, eps=eps, alpha=alpha, projection="minmax")
+    return adv.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# The PGD core: every ℓ∞ PGD in the package (the suite's MultiStepPGD, the masking check's
+# trajectories, the training attacks of pgd_at/awp) starts and steps through these two functions.
+# --------------------------------------------------------------------------------------------
+def linf_random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``clip_[0,1](x + U(-ε, ε))``, drawn with ``torch.empty_like(x).uniform_`` from the global RNG
+    of ``x``'s device (exactly torchattacks.PGD's call, so its RNG stream is reproduced)."""
+    return torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1).detach()
+
+
+def linf_step(
+    x_adv: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, *, eps: float, alpha: float,
+    projection: Literal["torchattacks", "minmax"] = "torchattacks",
+) -> torch.Tensor:
+    """One ℓ∞ PGD step ``x ← Π(x + α·sign(grad))`` onto the ε-ball around ``x0`` ∩ [0, 1], detached.
+
+    ``projection="torchattacks"``: ``x0 + clamp(x - x0, -ε, ε)`` then [0, 1] (torchattacks.PGD's
+    operations: the audit equals it bit for bit). ``"minmax"``: ``min(max(x, x0 - ε), x0 + ε)`` then
+    [0, 1] (the training loops'). Both are the same projection; they can differ in the last bit.
+    """
+    step = x_adv.detach() + alpha * grad.sign()
+    if projection == "minmax":
+        return torch.min(torch.max(step, x0 - eps), x0 + eps).clamp(0.0, 1.0).detach()
+    delta = torch.clamp(step - x0, min=-eps, max=eps)
+    return torch.clamp(x0 + delta, min=0, max=1).detach()
+
+
+# --------------------------------------------------------------------------------------------
+# The suite's PGD attacks: pgd7, pgd20, pgd40, pgd100 share one trajectory (family "pgd").
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PGDConfig(AttackConfig):
+    """ℓ∞ PGD settings: step ``alpha`` in [0, 1] pixel units (the CURE paper's evaluation: 2/255)."""
+
+    alpha: float = 2 / 255
+
+
+def run_pgd_steps(
+    ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, steps: Sequence[int], *, alpha: float,
+    stop_on_success: bool,
+) -> tuple[dict[int, torch.Tensor], dict[int, float], torch.Tensor]:
+    """One :class:`MultiStepPGD` trajectory per batch at ``ctx.eps`` from
+    ``torch.manual_seed(ctx.seed)``: ``({k: x_adv}, {k: seconds}, stopped_at)``."""
+    counts = sorted(set(steps))
+    adv: dict[int, list[torch.Tensor]] = {k: [] for k in counts}
+    secs: dict[int, float] = dict.fromkeys(counts, 0.0)
+    stopped: list[torch.Tensor] = []
+    attack = MultiStepPGD(ctx.model, eps=ctx.eps, alpha=alpha, steps=counts, stop_on_success=stop_on_success)
+    desc = "pgd" + "/".join(str(k) for k in counts)
+    with seeded_rng(ctx.seed, ctx.device), ctx.bar(desc, len(x)) as bar:
+        for sl in ctx.batches(len(x)):
+            rec = attack(x[sl].to(ctx.device), y[sl].to(ctx.device))
+            for k in counts:
+                adv[k].append(rec[k].cpu())
+                secs[k] += attack.checkpoint_seconds[k]
+            assert attack.stopped_at is not None
+            stopped.append(attack.stopped_at)
+            bar.update(sl.stop - sl.start)
+    if not stopped:
+        return ({k: x.clone() for k in counts}, secs, torch.zeros(0, dtype=torch.long))
+    return {k: torch.cat(v) for k, v in adv.items()}, secs, torch.cat(stopped)
+
+
+class PGD(Attack[PGDConfig]):
+    """ℓ∞ PGD with ``steps`` iterations, random start, step ``config.alpha`` (Madry et al. 2018,
+    https://arxiv.org/abs/1706.06083; torchattacks' operations, see :class:`MultiStepPGD`). All
+    requested step counts come from one trajectory; in a cascade a point stops at the first
+    recorded step count that fools it."""
+
+    Config = PGDConfig
+    family = "pgd"
+    chunk_seeded = True
+    steps: ClassVar[int]
+
+    def run(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackOutput:
+        return self.run_family(ctx, [self], x, y, ids, cascade=False)[self.name]
+
+    @classmethod
+    def run_family(
+        cls, ctx: AttackContext, members: list[Attack[Any]], x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
+        *, cascade: bool,
+    ) -> dict[str, AttackOutput]:
+        pgds = [m for m in members if isinstance(m, PGD)]
+        alphas = {m.config.alpha for m in pgds}
+        if len(pgds) != len(members) or len(alphas) != 1:
+            raise UsageError("the PGD attacks of one run share one trajectory: give them one step size alpha")
+        recs, secs, stopped = run_pgd_steps(ctx, x, y, [m.steps for m in pgds], alpha=alphas.pop(),
+                                            stop_on_success=cascade)
+        out: dict[str, AttackOutput] = {}
+        for m in pgds:
+            still = (stopped == 0) | (stopped >= m.steps)  # not fooled at an earlier checkpoint
+            out[m.name] = AttackOutput(x_adv=recs[m.steps][still], seconds=secs[m.steps], attacked=still)
+        return out
+
+
+class PGD7(PGD):
+    name, label, steps, order, cost = "pgd7", "PGD(7)", 7, 1, 3
+
+
+class PGD20(PGD):
+    name, label, steps, order, cost = "pgd20", "PGD(20)", 20, 2, 4
+
+
+class PGD40(PGD):
+    name, label, steps, order, cost = "pgd40", "PGD(40)", 40, 3, 5
+
+
+class PGD100(PGD):
+    name, label, steps, order, cost = "pgd100", "PGD(100)", 100, 4, 6

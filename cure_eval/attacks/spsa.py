@@ -7,7 +7,7 @@ and feeds the estimate to Adam, so it is immune to gradient masking: if SPSA bea
 model's gradients are lying (CURE paper, Fig. 7).
 
 Semantics (the paper's, which the CURE paper used; torchattacks' ``SPSA`` differs on almost every
-point, see ``REFERENCE.md`` §3):
+point, see ``docs/references.md`` §3):
 
 * loss ``max_{j≠y} z_j − z_y`` (the negative of :func:`~cure_eval.attacks.base.adversarial_margin`),
   maximised with Adam (lr 0.01, β = (0.9, 0.999));
@@ -52,7 +52,15 @@ from foolbox.distances import linf
 from foolbox.models import Model
 
 from ..errors import UsageError
-from .base import adversarial_margin
+from .base import (
+    Attack,
+    AttackConfig,
+    AttackContext,
+    AttackOutput,
+    adversarial_margin,
+    scatter,
+    timed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -450,3 +458,72 @@ class LinfSPSAAttack(FixedEpsilonAttack):
         log.debug("SPSA eps=%.5g: %d/%d misclassified, %d model inputs, %.2fs", epsilon,
                   int(out.success.sum()), len(out.success), out.model_inputs, out.seconds)
         return restore_type(ep.astensor(out.x_adv))
+
+
+# --------------------------------------------------------------------------------------------
+# The suite's ``spsa`` attack.
+# --------------------------------------------------------------------------------------------
+#: SPSA processes at most this many points at once (its per-point state is small; large groups
+#: keep its model calls full while points finish early).
+SPSA_POINTS_PER_CALL = 1024
+
+
+@dataclass
+class SPSAConfig(AttackConfig):
+    """SPSA settings (the paper's): Adam steps, loss evaluations per point and step, the most
+    inputs per model call."""
+
+    iterations: int = 100
+    samples: int = 128
+    max_batch: int = 1024
+
+
+class SPSA(Attack[SPSAConfig]):
+    """``spsa``: gradient-free :class:`LinfSPSAAttack`, each point seeded from ``(seed, index)``,
+    so a point's result does not depend on the other points. Extras: ``spsa_margin`` (best
+    margin found) and ``iterations`` (steps run before the point finished)."""
+
+    name = "spsa"
+    label = "SPSA"
+    description = "gradient-free SPSA (Uesato et al. 2018) as a foolbox attack"
+    needs = frozenset()
+    order = 7
+    cost = 7
+    extras = ("spsa_margin", "iterations")
+    Config = SPSAConfig
+
+    def run(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackOutput:
+        start = time.perf_counter()
+        c = self.config
+        chunks = range(0, len(x), SPSA_POINTS_PER_CALL)
+        out: list[torch.Tensor] = []
+        margins: list[torch.Tensor] = []
+        iters: list[torch.Tensor] = []
+        with ctx.bar("spsa", len(chunks) * (c.iterations + 1), unit="it") as bar:
+            def callback(_t: int, running: int) -> None:
+                bar.update(1)
+                bar.set_postfix(running=running, refresh=False)
+
+            attack = LinfSPSAAttack(iterations=c.iterations, samples=c.samples, max_batch=c.max_batch,
+                                    seed=ctx.seed, callback=callback)
+            for s in chunks:
+                before = bar.n
+                sl = slice(s, s + SPSA_POINTS_PER_CALL)
+                _, clipped, _ = attack(ctx.fmodel, x[sl].to(ctx.device), y[sl].to(ctx.device),
+                                       epsilons=[ctx.eps], point_ids=ids[sl].to(ctx.device))
+                bar.update(before + c.iterations + 1 - bar.n)  # early finish: fill the bar
+                assert attack.last_output is not None
+                out.append(clipped[0].detach().cpu())
+                margins.append(attack.last_output.best_margin.cpu())
+                iters.append(attack.last_output.iterations.cpu())
+        if not out:
+            return AttackOutput(x_adv=x.clone(), seconds=0.0,
+                                extra={"spsa_margin": torch.zeros(0), "iterations": torch.zeros(0)})
+        return AttackOutput(x_adv=torch.cat(out), seconds=timed(start),
+                            extra={"spsa_margin": torch.cat(margins), "iterations": torch.cat(iters)})
+
+    def per_sample(self, extra: dict[str, torch.Tensor], idx: torch.Tensor, n: int,
+                   correct: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``spsa_margin``: NaN where not attacked; ``iterations``: 0 there (integers)."""
+        return {"spsa_margin": scatter(n, idx, extra.get("spsa_margin", torch.zeros(0)), math.nan),
+                "iterations": scatter(n, idx, extra.get("iterations", torch.zeros(0)), 0.0).long()}

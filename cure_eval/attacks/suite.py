@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,38 +63,48 @@ import foolbox
 import torch
 import torchattacks
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..device import seeded_rng
 from ..errors import CureEvalError, UsageError
-from .base import AttackResult, adversarial_margin
-from .pgd import MultiStepPGD
-from .spsa import LinfSPSAAttack
+from ..modes import check_device, eval_mode
+from .base import (
+    Attack,
+    AttackConfig,
+    AttackContext,
+    AttackResult,
+    Norm,
+    adversarial_margin,
+    require_input_gradients,
+)
+from .deepfool import DeepFoolConfig
+from .pgd import PGD, PGDConfig, run_pgd_steps
+from .registry import attack_order, get_attack
+from .spsa import SPSAConfig
 
 log = logging.getLogger(__name__)
 
-#: Every attack name the suite knows, in report order.
+#: The built-in attacks, in report order: the default selection of :func:`run_suite` and of
+#: ``audit --attacks``. Every installed attack (built-in or plugin) is in :func:`list_attacks`.
 ATTACKS: tuple[str, ...] = (
     "fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "deepfool_linf", "deepfool_l2", "spsa",
 )
-#: Names accepted by :func:`run_suite` (``clean`` adds nothing: clean accuracy is always there).
+#: The built-in names accepted by :func:`run_suite` (``clean`` adds nothing: clean accuracy is
+#: always there).
 ATTACK_NAMES: tuple[str, ...] = ("clean", *ATTACKS)
-#: Step count of each PGD attack.
-PGD_STEPS: dict[str, int] = {"pgd7": 7, "pgd20": 20, "pgd40": 40, "pgd100": 100}
-#: Order of a cascade: cheap → expensive.
-CASCADE_ORDER: tuple[str, ...] = (
-    "fgsm", "deepfool_linf", "deepfool_l2", "pgd7", "pgd20", "pgd40", "pgd100", "spsa",
-)
 #: Slack allowed when checking that adversarial points lie in the ε-ball and in [0, 1].
 EPS_TOL = 1e-5
-#: SPSA processes at most this many points at once (its per-point state is small; large groups
-#: keep its model calls full while points finish early).
-SPSA_POINTS_PER_CALL = 1024
+
+
+def __getattr__(name: str) -> Any:
+    """``CASCADE_ORDER``: the built-ins cheap → expensive, from the registry's ``cost``s."""
+    if name == "CASCADE_ORDER":
+        return tuple(attack_order(ATTACKS, cascade=True))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def threat_norm(name: str) -> str:
-    """``"l2"`` for deepfool_l2, ``"linf"`` for every other attack."""
-    return "l2" if name == "deepfool_l2" else "linf"
+    """The norm of the registered attack ``name`` (``"l2"`` for deepfool_l2, ``"linf"`` for the
+    other built-ins)."""
+    return get_attack(name).norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,52 +313,19 @@ def check_adversarial(
 
 
 # --------------------------------------------------------------------------------------------
-# The runner.
+# The runner: every attack through the same contract (cure_eval.attacks.base.Attack).
 # --------------------------------------------------------------------------------------------
-@dataclass
-class _Ctx:
-    model: nn.Module
-    device: torch.device
-    batch_size: int
-    progress: bool
-    eps: float
-    eps_l2: float
-    seed: int
-    pgd_alpha: float
-    spsa_iterations: int
-    spsa_samples: int
-    spsa_max_batch: int
-    deepfool_steps: int
-    deepfool_candidates: int
-    deepfool_overshoot: float
-    _fmodel: Any = None
-
-    @property
-    def fmodel(self) -> Any:
-        if self._fmodel is None:
-            self._fmodel = foolbox.PyTorchModel(self.model, bounds=(0, 1), device=self.device)
-        return self._fmodel
-
-    def batches(self, n: int) -> Iterator[slice]:
-        for s in range(0, n, self.batch_size):
-            yield slice(s, min(s + self.batch_size, n))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for sl in self.batches(len(x)):
-                out.append(self.model(x[sl].to(self.device)).float().cpu())
-        if not out:
-            return torch.zeros(0, 0)
-        return torch.cat(out)
-
-    def bar(self, name: str, total: int, unit: str = "pt") -> Any:
-        return tqdm(total=total, desc=name, unit=unit, disable=not self.progress, leave=False)
+def cascade_update(robust_now: torch.Tensor, robust: torch.Tensor, attacked: torch.Tensor) -> torch.Tensor:
+    """The cascade's rule, the only copy: a point stays robust unless this attack attacked it
+    and fooled it. (For an attack that attacked exactly the still-robust points this is its
+    ``robust``; the PGD family's later step counts attack only the points not yet fooled.)"""
+    return robust_now & (robust | ~attacked)
 
 
 def _result(
-    ctx: _Ctx,
+    ctx: AttackContext,
     name: str,
+    norm: Norm,
     x: torch.Tensor,
     y: torch.Tensor,
     clean_pred: torch.Tensor,
@@ -359,11 +336,11 @@ def _result(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> AttackResult:
     """Check the returned points and measure everything at them (model in eval mode)."""
-    eps = ctx.eps_l2 if threat_norm(name) == "l2" else ctx.eps
+    eps = ctx.radius(norm)
     idx = attacked.nonzero().flatten()
     x_adv = x.clone()
     x_adv[idx] = x_adv_attacked.detach().to(x_adv.dtype).cpu()
-    check_adversarial(x, x_adv, eps=eps, norm=threat_norm(name), name=name)
+    check_adversarial(x, x_adv, eps=eps, norm=norm, name=name)
     adv_pred = clean_pred.clone()
     margin = clean_margin.clone()
     if len(idx):
@@ -383,104 +360,6 @@ def _result(
     return res
 
 
-def _scatter(n: int, idx: torch.Tensor, values: torch.Tensor, fill: float) -> torch.Tensor:
-    out = torch.full((n,), fill, dtype=values.dtype if values.is_floating_point() else torch.float32)
-    out[idx] = values.to(out.dtype).cpu()
-    return out
-
-
-def _run_fgsm(ctx: _Ctx, xs: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    attack = torchattacks.FGSM(ctx.model, eps=ctx.eps)
-    out = []
-    with ctx.bar("fgsm", len(xs)) as bar:
-        for sl in ctx.batches(len(xs)):
-            out.append(attack(xs[sl].to(ctx.device), ys[sl].to(ctx.device)).detach().cpu())
-            bar.update(sl.stop - sl.start)
-    return (torch.cat(out) if out else xs.clone()), time.perf_counter() - start
-
-
-def _run_pgd(
-    ctx: _Ctx, xs: torch.Tensor, ys: torch.Tensor, steps: Sequence[int], *, eps: float,
-    stop_on_success: bool,
-) -> tuple[dict[int, torch.Tensor], dict[int, float], torch.Tensor]:
-    """One MultiStepPGD trajectory per batch: ``({k: x_adv}, {k: seconds}, stopped_at)``."""
-    counts = sorted(set(steps))
-    adv: dict[int, list[torch.Tensor]] = {k: [] for k in counts}
-    secs: dict[int, float] = dict.fromkeys(counts, 0.0)
-    stopped: list[torch.Tensor] = []
-    attack = MultiStepPGD(ctx.model, eps=eps, alpha=ctx.pgd_alpha, steps=counts,
-                          stop_on_success=stop_on_success)
-    desc = "pgd" + "/".join(str(k) for k in counts)
-    with seeded_rng(ctx.seed, ctx.device), ctx.bar(desc, len(xs)) as bar:
-        for sl in ctx.batches(len(xs)):
-            rec = attack(xs[sl].to(ctx.device), ys[sl].to(ctx.device))
-            for k in counts:
-                adv[k].append(rec[k].cpu())
-                secs[k] += attack.checkpoint_seconds[k]
-            assert attack.stopped_at is not None
-            stopped.append(attack.stopped_at)
-            bar.update(sl.stop - sl.start)
-    if not stopped:
-        return ({k: xs.clone() for k in counts}, secs, torch.zeros(0, dtype=torch.long))
-    return {k: torch.cat(v) for k, v in adv.items()}, secs, torch.cat(stopped)
-
-
-def _run_deepfool(
-    ctx: _Ctx, name: str, xs: torch.Tensor, ys: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(ε-projected minimal adversarial points, minimal perturbation norms, seconds)``."""
-    start = time.perf_counter()
-    cls = foolbox.attacks.L2DeepFoolAttack if name == "deepfool_l2" else foolbox.attacks.LinfDeepFoolAttack
-    attack = cls(steps=ctx.deepfool_steps, candidates=ctx.deepfool_candidates,
-                 overshoot=ctx.deepfool_overshoot)
-    eps = ctx.eps_l2 if name == "deepfool_l2" else ctx.eps
-    out, norms = [], []
-    with ctx.bar(name, len(xs)) as bar:
-        for sl in ctx.batches(len(xs)):
-            xb, yb = xs[sl].to(ctx.device), ys[sl].to(ctx.device)
-            raw, clipped, success = attack(ctx.fmodel, xb, yb, epsilons=[None, eps])
-            dist = attack.distance(xb, raw[0]).detach()
-            dist = torch.where(success[0], dist, torch.full_like(dist, math.inf))
-            out.append(clipped[1].detach().cpu())
-            norms.append(dist.cpu())
-            bar.update(sl.stop - sl.start)
-    if not out:
-        return xs.clone(), torch.zeros(0), time.perf_counter() - start
-    return torch.cat(out), torch.cat(norms), time.perf_counter() - start
-
-
-def _run_spsa(
-    ctx: _Ctx, xs: torch.Tensor, ys: torch.Tensor, ids: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-    start = time.perf_counter()
-    chunks = range(0, len(xs), SPSA_POINTS_PER_CALL)
-    out: list[torch.Tensor] = []
-    margins: list[torch.Tensor] = []
-    iters: list[torch.Tensor] = []
-    with ctx.bar("spsa", len(chunks) * (ctx.spsa_iterations + 1), unit="it") as bar:
-        def callback(_t: int, running: int) -> None:
-            bar.update(1)
-            bar.set_postfix(running=running, refresh=False)
-
-        attack = LinfSPSAAttack(iterations=ctx.spsa_iterations, samples=ctx.spsa_samples,
-                                max_batch=ctx.spsa_max_batch, seed=ctx.seed, callback=callback)
-        for s in chunks:
-            before = bar.n
-            sl = slice(s, s + SPSA_POINTS_PER_CALL)
-            _, clipped, _ = attack(ctx.fmodel, xs[sl].to(ctx.device), ys[sl].to(ctx.device),
-                                   epsilons=[ctx.eps], point_ids=ids[sl].to(ctx.device))
-            bar.update(before + ctx.spsa_iterations + 1 - bar.n)  # early finish: fill the bar
-            assert attack.last_output is not None
-            out.append(clipped[0].detach().cpu())
-            margins.append(attack.last_output.best_margin.cpu())
-            iters.append(attack.last_output.iterations.cpu())
-    if not out:
-        return xs.clone(), {"spsa_margin": torch.zeros(0), "iterations": torch.zeros(0)}, 0.0
-    extra = {"spsa_margin": torch.cat(margins), "iterations": torch.cat(iters)}
-    return torch.cat(out), extra, time.perf_counter() - start
-
-
 def _warn_short_pgd(steps: Sequence[int], eps: float, alpha: float) -> None:
     short = [k for k in steps if k * alpha < eps]
     if short:
@@ -490,14 +369,37 @@ def _warn_short_pgd(steps: Sequence[int], eps: float, alpha: float) -> None:
             ",".join(map(str, short)), alpha, eps)
 
 
-def _normalise_attacks(attacks: Sequence[str] | str) -> list[str]:
+def _split(attacks: Sequence[str] | str) -> list[str]:
     if isinstance(attacks, str):
-        attacks = [a for a in attacks.replace(",", " ").split() if a]
-    unknown = [a for a in attacks if a not in ATTACK_NAMES]
-    if unknown:
-        raise UsageError(f"unknown attack(s) {', '.join(map(repr, unknown))}: choose from {', '.join(ATTACK_NAMES)}")
-    wanted = set(attacks)
-    return [a for a in ATTACKS if a in wanted]
+        return [a for a in attacks.replace(",", " ").split() if a]
+    return list(attacks)
+
+
+def _instances(order: Sequence[str], configs: Mapping[str, AttackConfig], defaults: Sequence[AttackConfig],
+               ) -> dict[str, Attack[Any]]:
+    """One attack object per name: its config from ``configs[name]``, else the default config of
+    its config class (the suite's keyword settings), else the class's own defaults."""
+    by_type = {type(c): c for c in defaults}
+    out: dict[str, Attack[Any]] = {}
+    for name in order:
+        cls = get_attack(name)
+        out[name] = cls(configs.get(name, by_type.get(cls.Config)))
+    return out
+
+
+def _groups(order: Sequence[str], instances: Mapping[str, Attack[Any]]) -> list[list[Attack[Any]]]:
+    """Run groups in order: an attack alone, or every requested member of its family at the
+    place of the first one."""
+    groups: list[list[Attack[Any]]] = []
+    done: set[str] = set()
+    for name in order:
+        if name in done:
+            continue
+        family = instances[name].family
+        group = [instances[a] for a in order if a == name or (family is not None and instances[a].family == family)]
+        done.update(a.name for a in group)
+        groups.append(group)
+    return groups
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int) -> None:
@@ -536,24 +438,25 @@ def run_suite(
     deepfool_overshoot: float = 0.02,
     indices: torch.Tensor | Sequence[int] | None = None,
     progress: bool = True,
+    configs: Mapping[str, AttackConfig] | None = None,
 ) -> SuiteResult:
     """Run the attack suite on ``(x, y)`` and return per-point results.
 
     Args:
-        model: classifier mapping [0, 1] images to logits. Moved to ``device``; evaluated in eval
-            mode; its train/eval mode is restored afterwards, also on error.
+        model: classifier mapping [0, 1] images to logits, already on ``device`` (never moved);
+            evaluated in eval mode; its train/eval modes are restored afterwards, also on error.
         x: images ``(N, C, H, W)`` in [0, 1] (any device; results are on the CPU).
         y: integer labels ``(N,)``.
         eps: ℓ∞ radius in [0, 1] pixel units (e.g. 8/255).
         device: where the model runs (``"cpu"``, ``"cuda:0"``...). Required, never guessed.
-        attacks: names from :data:`ATTACK_NAMES` (a list or a comma/space separated string).
-            Default: all of :data:`ATTACKS`. They run in :data:`ATTACKS` order, or
-            :data:`CASCADE_ORDER` for a cascade.
+        attacks: registered attack names (:func:`~cure_eval.attacks.registry.list_attacks`; a list
+            or a comma/space separated string; ``clean`` adds nothing). Default: the built-ins,
+            :data:`ATTACKS`. They run in report order, or cheap → expensive for a cascade.
         batch_size: points per attack call and per evaluation batch. Default 256.
         seed: seed of PGD's random starts and SPSA's random streams. Default 0.
         cascade: compute only the worst case, AutoAttack style (see module docs). Default False.
-        eps_l2: ℓ2 radius of ``deepfool_l2``. Default ``eps`` (see module docs).
-        pgd_alpha: PGD step size. Default 2/255.
+        eps_l2: ℓ2 radius of the ℓ2 attacks (``deepfool_l2``). Default ``eps`` (see module docs).
+        pgd_alpha: PGD step size (the default :class:`~cure_eval.attacks.pgd.PGDConfig`). Default 2/255.
         spsa_iterations: SPSA Adam steps. Default 100.
         spsa_samples: SPSA loss evaluations per point and iteration. Default 128.
         spsa_max_batch: most inputs per SPSA model call. Default 1024.
@@ -562,22 +465,31 @@ def run_suite(
         indices: dataset index of each point (row labels and SPSA's per-point seeds). Default
             ``0..N-1``.
         progress: show a tqdm bar per attack. Default True.
+        configs: per attack name, its config object (overrides the keyword settings above; a
+            plugin attack without one uses its ``Config()`` defaults).
     """
     start = time.perf_counter()
-    names = _normalise_attacks(attacks)
+    order = attack_order(_split(attacks), cascade=cascade)  # unknown names list the valid ones
     _check_inputs(x, y, eps, batch_size)
     eps_l2_ = float(eps if eps_l2 is None else eps_l2)
     if eps_l2_ <= 0:
         raise UsageError(f"eps_l2 must be positive, got {eps_l2}")
-    l2_in_worst = eps_l2_ <= eps + 1e-12
-    if cascade and "deepfool_l2" in names and not l2_in_worst:
-        raise UsageError(
-            f"a cascade computes the ℓ∞ worst case, but eps_l2 = {eps_l2_:.4g} > eps = {eps:.4g} "
-            f"is a different threat model: drop deepfool_l2 or use eps_l2 <= eps"
-        )
     if spsa_iterations < 0:
         raise UsageError(f"spsa_iterations must be >= 0, got {spsa_iterations}")
-    _warn_short_pgd([PGD_STEPS[a] for a in names if a in PGD_STEPS], eps, pgd_alpha)
+    defaults = (PGDConfig(alpha=pgd_alpha), DeepFoolConfig(steps=deepfool_steps, candidates=deepfool_candidates,
+                                                           overshoot=deepfool_overshoot),
+                SPSAConfig(iterations=spsa_iterations, samples=spsa_samples, max_batch=spsa_max_batch))
+    instances = _instances(order, configs or {}, defaults)
+    l2_in_worst = eps_l2_ <= eps + 1e-12
+    l2_names = [a for a in order if instances[a].norm == "l2"]
+    if cascade and l2_names and not l2_in_worst:
+        raise UsageError(
+            f"a cascade computes the ℓ∞ worst case, but eps_l2 = {eps_l2_:.4g} > eps = {eps:.4g} "
+            f"is a different threat model: drop {', '.join(l2_names)} or use eps_l2 <= eps"
+        )
+    pgds = [a for a in instances.values() if isinstance(a, PGD)]
+    if pgds:
+        _warn_short_pgd([a.steps for a in pgds], eps, pgds[0].config.alpha)
     dev = torch.device(device)
     n = len(x)
     ids = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
@@ -586,75 +498,51 @@ def run_suite(
     x = x.detach().cpu()
     y = y.detach().cpu().long()
 
-    was_training = model.training
-    ctx = _Ctx(model=model, device=dev, batch_size=batch_size, progress=progress, eps=float(eps),
-               eps_l2=eps_l2_, seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
-               spsa_samples=spsa_samples, spsa_max_batch=spsa_max_batch,
-               deepfool_steps=deepfool_steps, deepfool_candidates=deepfool_candidates,
-               deepfool_overshoot=deepfool_overshoot)
-    try:
-        model.to(dev)
-        model.eval()
+    ctx = AttackContext(model=model, device=dev, batch_size=batch_size, progress=progress, eps=float(eps),
+                        eps_l2=eps_l2_, seed=seed)
+    check_device(model, dev)
+    with eval_mode(model):
         with torch.enable_grad():  # the gradient attacks need autograd even under no_grad
             logits = ctx.logits(x)
             clean_pred = logits.argmax(dim=1) if n else torch.zeros(0, dtype=torch.long)
             clean_margin = adversarial_margin(logits, y) if n else torch.zeros(0)
             correct = clean_pred == y
             results: dict[str, AttackResult] = {}
-            family_seconds = 0.0  # one MultiStepPGD trajectory serves every requested PGD
+            family_seconds: dict[str, float] = {}  # one run serves a whole family (PGD)
             robust_now = correct.clone()  # cascade: points still robust
-            order = [a for a in (CASCADE_ORDER if cascade else ATTACKS) if a in names]
-            pgd_names = [a for a in order if a in PGD_STEPS]
-            for name in order:
-                if name in results:
-                    continue  # a PGD done as part of its family
+            for group in _groups(order, instances):
                 target = robust_now if cascade else correct
                 idx = target.nonzero().flatten()
-                xs, ys = x[idx], y[idx]
-                if name == "fgsm":
-                    adv, secs = _run_fgsm(ctx, xs, ys)
-                    results[name] = _result(ctx, name, x, y, clean_pred, clean_margin, target, adv, secs)
-                elif name in PGD_STEPS:
-                    steps = [PGD_STEPS[a] for a in pgd_names]
-                    recs, secs_k, stopped = _run_pgd(ctx, xs, ys, steps, eps=ctx.eps, stop_on_success=cascade)
-                    family_seconds = max(secs_k.values(), default=0.0)
-                    for a in pgd_names:
-                        k = PGD_STEPS[a]
-                        still = (stopped == 0) | (stopped >= k)  # not fooled at an earlier checkpoint
-                        att = torch.zeros(n, dtype=torch.bool)
-                        att[idx[still]] = True
-                        results[a] = _result(ctx, a, x, y, clean_pred, clean_margin, att, recs[k][still], secs_k[k])
-                        if cascade:  # fooled at its own checkpoint: no longer robust
-                            robust_now = robust_now & (results[a].robust | ~att)
-                    continue
-                elif name in ("deepfool_linf", "deepfool_l2"):
-                    adv, norms, secs = _run_deepfool(ctx, name, xs, ys)
-                    min_norm = _scatter(n, idx, norms, math.nan)  # NaN: not attacked (cascade)
-                    min_norm[~correct] = 0.0  # misclassified clean: nothing to perturb
-                    results[name] = _result(ctx, name, x, y, clean_pred, clean_margin, target, adv, secs,
-                                            {"min_norm": min_norm})
-                elif name == "spsa":
-                    adv, extra, secs = _run_spsa(ctx, xs, ys, ids[idx])
-                    full = {"spsa_margin": _scatter(n, idx, extra["spsa_margin"], math.nan),
-                            "iterations": _scatter(n, idx, extra["iterations"], 0.0).long()}
-                    results[name] = _result(ctx, name, x, y, clean_pred, clean_margin, target, adv, secs, full)
-                if cascade:
-                    robust_now = results[name].robust
-            in_worst = [a for a in results if a != "deepfool_l2" or l2_in_worst]
-            if "deepfool_l2" in results and not l2_in_worst:
-                log.warning("deepfool_l2 at eps_l2=%.4g > eps=%.4g is a different threat model: it is "
-                            "left out of the ℓ∞ worst case", eps_l2_, eps)
+                lead = group[0]
+                if lead.family is not None:
+                    outputs = type(lead).run_family(ctx, group, x[idx], y[idx], ids[idx], cascade=cascade)
+                    family_seconds[lead.family] = max((o.seconds for o in outputs.values()), default=0.0)
+                else:
+                    outputs = {lead.name: lead.run(ctx, x[idx], y[idx], ids[idx])}
+                for attack in group:
+                    o = outputs[attack.name]
+                    mine = idx if o.attacked is None else idx[o.attacked]
+                    att = torch.zeros(n, dtype=torch.bool)
+                    att[mine] = True
+                    results[attack.name] = _result(ctx, attack.name, attack.norm, x, y, clean_pred, clean_margin,
+                                                   att, o.x_adv, o.seconds, attack.per_sample(o.extra, mine, n, correct))
+                    if cascade:
+                        res = results[attack.name]
+                        robust_now = cascade_update(robust_now, res.robust, res.attacked)
+            in_worst = [a for a in results if instances[a].norm == "linf" or l2_in_worst]
+            left_out = [a for a in results if a not in in_worst]
+            if left_out:
+                log.warning("%s at eps_l2=%.4g > eps=%.4g is a different threat model: it is "
+                            "left out of the ℓ∞ worst case", ", ".join(left_out), eps_l2_, eps)
             worst = correct.clone()
             for a in in_worst:
                 worst &= results[a].robust
             if cascade:
                 worst = robust_now & worst
-    finally:
-        model.train(was_training)
     settings = {"batch_size": batch_size, "pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations,
                 "spsa_samples": spsa_samples, "deepfool_steps": deepfool_steps,
                 "deepfool_candidates": deepfool_candidates, "deepfool_overshoot": deepfool_overshoot,
-                "order": order, "pgd_family_seconds": family_seconds}
+                "order": order, "pgd_family_seconds": family_seconds.get("pgd", 0.0)}
     return SuiteResult(
         eps=float(eps), eps_l2=eps_l2_, seed=seed, indices=ids, labels=y, clean_pred=clean_pred,
         clean_margin=clean_margin, attacks=results, worst_case=worst, worst_case_attacks=in_worst,
@@ -674,13 +562,12 @@ def run_attack(
     seed: int = 0,
     **kwargs: Any,
 ) -> AttackResult:
-    """Run one attack of the suite (clean-correct points only) and return its result.
+    """Run one registered attack (clean-correct points only) and return its result.
 
     ``kwargs`` are passed on to :func:`run_suite` (``eps_l2``, ``pgd_alpha``,
-    ``spsa_iterations``, ``indices``, ``progress``...).
+    ``spsa_iterations``, ``indices``, ``progress``, ``configs``...).
     """
-    if name not in ATTACKS:
-        raise UsageError(f"unknown attack {name!r}: choose from {', '.join(ATTACKS)}")
+    get_attack(name)  # an unknown name lists the valid ones
     result = run_suite(model, x, y, eps=eps, device=device, attacks=[name], batch_size=batch_size,
                        seed=seed, **kwargs)
     return result.attacks[name]
@@ -719,15 +606,13 @@ def eps_sweep(
     x = x.detach().cpu()
     y = y.detach().cpu().long()
     n = len(x)
-    ctx = _Ctx(model=model, device=dev, batch_size=batch_size, progress=progress, eps=0.0, eps_l2=0.0,
-               seed=seed, pgd_alpha=alpha, spsa_iterations=0, spsa_samples=2, spsa_max_batch=1,
-               deepfool_steps=0, deepfool_candidates=2, deepfool_overshoot=0.0)
-    was_training = model.training
+    ctx = AttackContext(model=model, device=dev, batch_size=batch_size, progress=progress, eps=0.0,
+                        eps_l2=0.0, seed=seed)
     accs: list[float] = []
     robust: list[torch.Tensor] = []
-    try:
-        model.to(dev)
-        model.eval()
+    check_device(model, dev)
+    require_input_gradients(model, x[:2].to(dev))
+    with eval_mode(model):
         logits = ctx.logits(x)
         clean_pred = logits.argmax(dim=1)
         clean_margin = adversarial_margin(logits, y)
@@ -736,12 +621,11 @@ def eps_sweep(
         for e in eps_list:
             ctx.eps = float(e)
             with torch.enable_grad():
-                recs, secs, _ = _run_pgd(ctx, x[idx], y[idx], [steps], eps=float(e), stop_on_success=False)
-            res = _result(ctx, f"pgd{steps}", x, y, clean_pred, clean_margin, correct, recs[steps], secs[steps])
+                recs, secs, _ = run_pgd_steps(ctx, x[idx], y[idx], [steps], alpha=alpha, stop_on_success=False)
+            res = _result(ctx, f"pgd{steps}", "linf", x, y, clean_pred, clean_margin, correct, recs[steps],
+                          secs[steps])
             accs.append(_fraction(res.robust))
             robust.append(res.robust)
-    finally:
-        model.train(was_training)
     order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])
     monotone = all(accs[order[i + 1]] <= accs[order[i]] for i in range(len(order) - 1))
     if not monotone:

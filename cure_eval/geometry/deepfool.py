@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..attacks.deepfool import foolbox_deepfool
 from ._util import check_batch, check_device, eval_mode
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def deepfool_l2(
             logits = model(x)
         clean_pred, n_classes = logits.argmax(1), int(logits.shape[1])
         fmodel = foolbox.PyTorchModel(model, bounds=(0, 1), device=dev)
-        attack = foolbox.attacks.L2DeepFoolAttack(steps=steps, overshoot=overshoot,
-                                                  candidates=max(2, min(candidates, n_classes)))
+        attack = foolbox_deepfool("l2", steps=steps, overshoot=overshoot,
+                                  candidates=max(2, min(candidates, n_classes)))
         raw, _, success = attack(fmodel, x, y, epsilons=None)
         with torch.no_grad():
             adv_pred = model(raw).argmax(1)

@@ -1,4 +1,5 @@
-"""One call that measures the whole geometry of a model and writes ``geometry.json`` and PNGs."""
+"""The whole geometry of a model: :func:`compute_geometry` measures, :func:`write_geometry` draws the
+figures and writes ``geometry.json`` atomically, :func:`measure_geometry` does both."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,25 @@ from tabulate import tabulate
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks.base import require_input_gradients
 from ..data import select_points
 from ..errors import UsageError
+from ..io import write_text_atomic
 from ._util import check_batch, check_device, eval_mode, to_jsonable
 from .bounds import theorem1_points
 from .deepfool import deepfool_l2
 from .hessian import Scheme
-from .landscape import loss_plane
+from .landscape import LossPlane, loss_plane
 from .plots import plot_curvature_profile, plot_plane, plot_theorem1, plot_weight_curves
-from .spectrum import curvature_profile
+from .spectrum import CurvatureProfile, curvature_profile
 from .summaries import curvature_summaries
-from .weights import DEFAULT_ALPHAS, pgd_points, weight_curvature_index, weight_loss_curve
+from .weights import (
+    DEFAULT_ALPHAS,
+    conv_linear_weights,
+    pgd_points,
+    weight_curvature_index,
+    weight_loss_curve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,184 @@ def _finite_mean(values: np.ndarray) -> float:
     return float(v.mean()) if len(v) else float("nan")
 
 
+@dataclass
+class Geometry:
+    """What :func:`compute_geometry` measured: the JSON-ready ``result`` and what the figures need."""
+
+    result: dict[str, Any]
+    profile: CurvatureProfile
+    theorem1: tuple[np.ndarray, np.ndarray, np.ndarray]  # lower, upper, measured ‖r*‖ per point
+    weight_curves: dict[str, Any]
+    planes: list[LossPlane]
+
+
+def compute_geometry(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    device: torch.device | str,
+    h: float,
+    k: int = 10,
+    n_points: int | None = 20,
+    eps: float = 8 / 255,
+    scheme: Scheme = "central",
+    n_gaussian: int = 100,
+    full_spectrum: bool | None = None,
+    hutchinson_probes: int = 50,
+    pgd_steps: int = 10,
+    landscape_points: int = 2,
+    landscape_steps: int = 41,
+    weight_alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
+    adversarial_weight_curve: bool = True,
+    label: str = "model",
+    seed: int = 0,
+    chunk_size: int = 512,
+    points_per_batch: int = 16,
+    progress: bool = True,
+) -> Geometry:
+    """Measure input-space curvature, Theorem 1 bounds, landscapes and weight-space flatness
+    (arguments as :func:`measure_geometry`; nothing is written). WCI and the weight-loss curves
+    are reported as not applicable (``result["not_applicable"]``) for a model without conv/linear
+    weights; a model without input gradients raises :class:`~cure_eval.errors.NotApplicable`."""
+    check_batch(x, y)
+    dev = check_device(model, device)
+    n_avail = len(x)
+    n_use = n_avail if n_points is None else min(int(n_points), n_avail)
+    if n_use < 1:
+        raise UsageError(f"n_points must be at least 1, got {n_points}")
+    idx = select_points(n_avail, n_use, seed)
+    xs, ys = x[idx].to(dev), y[idx].to(dev)
+    require_input_gradients(model, xs)
+    t_start = time.perf_counter()
+    # WCI and the weight-loss curves measure conv/linear weights: not applicable without them
+    no_weights = None if conv_linear_weights(model) else "the model has no conv/linear weights to measure"
+    not_applicable: dict[str, str] = {}
+    with eval_mode(model):
+        with torch.no_grad():
+            clean_correct = (model(xs).argmax(1) == ys).cpu()
+        log.info("geometry of %s on %d points (h=%g, scheme=%s, k=%d)", label, n_use, h, scheme, k)
+        prof = curvature_profile(model, xs, ys, h=h, k=k, device=dev, scheme=scheme,
+                                 full_spectrum=full_spectrum, chunk_size=chunk_size,
+                                 points_per_batch=points_per_batch, seed=seed, progress=progress)
+        summ = curvature_summaries(model, xs, ys, h=h, n_gaussian=n_gaussian, device=dev,
+                                   scheme=scheme, chunk_size=chunk_size, seed=seed)
+        df = deepfool_l2(model, xs, ys, device=dev)
+        th = theorem1_points(model, xs, ys, nu=prof.lambda_max, u=prof.top_vectors, device=dev,
+                             chunk_size=chunk_size)
+        wci: dict[str, Any] = {"wci": None, "layers": [], "adv_accuracy": None, "adv_loss": None}
+        curves: dict[str, Any] = {}
+        if no_weights is None:
+            x_adv = pgd_points(model, xs, ys, eps=eps, device=dev, steps=pgd_steps, seed=seed)
+            wci = weight_curvature_index(model, xs, ys, eps=eps, device=dev, n_probes=hutchinson_probes,
+                                         seed=seed, chunk_size=chunk_size, x_adv=x_adv, progress=progress)
+            curves["clean"] = weight_loss_curve(model, xs, ys, device=dev, alphas=weight_alphas, seed=seed)
+            if adversarial_weight_curve and eps > 0:
+                curves[f"PGD-{pgd_steps} ε={eps:.4g}"] = weight_loss_curve(
+                    model, xs, ys, device=dev, alphas=weight_alphas, seed=seed, adversarial_eps=eps,
+                    pgd_steps=pgd_steps)
+        else:
+            not_applicable = {"wci": no_weights, "weight_curves": no_weights}
+            log.warning("geometry: WCI and weight-loss curves not applicable: %s", no_weights)
+        planes = []
+        for j in tqdm(range(min(landscape_points, n_use)), desc="loss planes", disable=not progress,
+                      leave=False):
+            r = df.delta[j] if bool(df.success[j]) and bool(df.clean_correct[j]) and float(df.norm[j]) > 0 else None
+            if r is None:
+                plane = loss_plane(model, xs[j], ys[j], device=dev, steps=landscape_steps,
+                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
+            else:
+                plane = loss_plane(model, xs[j], ys[j], device=dev, r=r, steps=landscape_steps,
+                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
+            planes.append(plane)
+    measured = df.norm.double().numpy()
+    lower, upper = th["lower"], th["upper"]
+    fin = np.isfinite(lower) & np.isfinite(upper) & np.isfinite(measured) & (th["c"] > 0)
+    n = n_use
+    hvps_profile = prof.hvps
+    result: dict[str, Any] = {
+        "label": label,
+        "n_points": n,
+        "indices": idx.tolist(),
+        "clean_accuracy": float(clean_correct.double().mean()),
+        "top_eigenvalues": prof.top_eigenvalues.tolist(),
+        "bottom_eigenvalues": prof.bottom_eigenvalues.tolist(),
+        "sorted_profile": None if prof.sorted_profile is None else prof.sorted_profile.tolist(),
+        "lambda_max": prof.lambda_max.tolist(),
+        "hz_norm": summ["hz_norm"],
+        "frobenius": summ["frobenius"],
+        "hz_norm_per_point": summ["hz_norm_per_point"],
+        "frobenius_per_point": summ["frobenius_per_point"],
+        "alignment": _finite_mean(th["alignment"]),
+        "alignment_per_point": th["alignment"].tolist(),
+        "random_alignment": 1.0 / math.sqrt(prof.dim),
+        "wci": wci["wci"],
+        "wci_layers": wci["layers"],
+        "adv_accuracy": wci["adv_accuracy"],
+        "adv_loss": wci["adv_loss"],
+        "theorem1": {
+            "t": th["t"],
+            "lower": lower.tolist(), "upper": upper.tolist(), "measured": measured.tolist(),
+            "linear": th["linear"].tolist(), "case": th["case"].tolist(),
+            "loss": th["loss"].tolist(), "c": th["c"].tolist(), "nu": th["nu"].tolist(),
+            "grad_norm": th["grad_norm"].tolist(), "grad_dot_u": th["grad_dot_u"].tolist(),
+            "deepfool_success": df.success.tolist(), "clean_correct": df.clean_correct.tolist(),
+            "n_compared": int(fin.sum()),
+            "fraction_measured_ge_lower": float(np.mean(measured[fin] >= lower[fin])) if fin.any() else None,
+            "fraction_measured_le_upper": float(np.mean(measured[fin] <= upper[fin])) if fin.any() else None,
+            "median_lower_over_measured": float(np.median(lower[fin] / measured[fin])) if fin.any() else None,
+            "median_upper_over_measured": float(np.median(upper[fin] / measured[fin])) if fin.any() else None,
+        },
+        "weight_curves": curves,
+        "planes": [p.to_dict() for p in planes],
+        "profile": prof.to_dict(per_point=True),
+        "hvps": hvps_profile + int(summ["hvps"]),
+        "hvps_per_point": hvps_profile / n,
+        "seconds_per_point": prof.seconds / n,
+        "seconds_total": time.perf_counter() - t_start,
+        "config": {
+            "h": h, "h_units": "l2 length of the finite-difference step in [0,1] pixel space",
+            "scheme": scheme, "k": k, "eps": eps, "n_gaussian": n_gaussian,
+            "hutchinson_probes": hutchinson_probes, "pgd_steps": pgd_steps, "seed": seed,
+            "device": str(dev), "dtype": str(xs.dtype), "dim": prof.dim,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "wci_formula": "sum_k ||W_k||_F * sqrt(max(0, Hutchinson Tr d2 L_adv / dW_k^2)), "
+                           "conv/linear weights, L_adv = mean CE at PGD points",
+            "theorem1_reading": "l = CE of the true class, t = log 2 (p_y > 1/2: sufficient for correct)",
+        },
+    }
+    if not_applicable:
+        result["not_applicable"] = not_applicable
+    return Geometry(result=result, profile=prof, theorem1=(lower, upper, measured), weight_curves=curves,
+                    planes=planes)
+
+
+def write_geometry(
+    geometry: Geometry, out_dir: str | os.PathLike[str], *, label: str = "model",
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Draw the figures of a :func:`compute_geometry` result into ``out_dir`` and write
+    ``geometry.json`` atomically (NaN/inf as null); return the result with ``files``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    lower, upper, measured = geometry.theorem1
+    files["profile"] = str(plot_curvature_profile(geometry.profile, out / "profile.png", label=label))
+    files["theorem1"] = str(plot_theorem1(lower, upper, measured, out / "theorem1.png"))
+    if geometry.weight_curves:
+        files["weight_curve"] = str(plot_weight_curves(geometry.weight_curves, out / "weight_curve.png"))
+    for plane in geometry.planes:
+        key = f"plane_{plane.index}"
+        files[key] = str(plot_plane(plane, out / f"{key}.png", class_names=class_names))
+    files["json"] = str(out / JSON_NAME)
+    result = {**geometry.result, "files": dict(files)}
+    write_text_atomic(out / JSON_NAME, json.dumps(to_jsonable(result), indent=1, allow_nan=False))
+    log.info("geometry written to %s (%.1f s)", out, result["seconds_total"])
+    return result
+
+
 def measure_geometry(
+
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -106,118 +293,13 @@ def measure_geometry(
         wall time per point), ``files`` (written paths). The same content is in
         ``out_dir/geometry.json`` (NaN/inf written as null).
     """
-    check_batch(x, y)
-    dev = check_device(model, device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_avail = len(x)
-    n_use = n_avail if n_points is None else min(int(n_points), n_avail)
-    if n_use < 1:
-        raise UsageError(f"n_points must be at least 1, got {n_points}")
-    idx = select_points(n_avail, n_use, seed)
-    xs, ys = x[idx].to(dev), y[idx].to(dev)
-    t_start = time.perf_counter()
-    files: dict[str, str] = {}
-    with eval_mode(model):
-        with torch.no_grad():
-            clean_correct = (model(xs).argmax(1) == ys).cpu()
-        log.info("geometry of %s on %d points (h=%g, scheme=%s, k=%d)", label, n_use, h, scheme, k)
-        prof = curvature_profile(model, xs, ys, h=h, k=k, device=dev, scheme=scheme,
-                                 full_spectrum=full_spectrum, chunk_size=chunk_size,
-                                 points_per_batch=points_per_batch, seed=seed, progress=progress)
-        summ = curvature_summaries(model, xs, ys, h=h, n_gaussian=n_gaussian, device=dev,
-                                   scheme=scheme, chunk_size=chunk_size, seed=seed)
-        df = deepfool_l2(model, xs, ys, device=dev)
-        th = theorem1_points(model, xs, ys, nu=prof.lambda_max, u=prof.top_vectors, device=dev,
-                             chunk_size=chunk_size)
-        x_adv = pgd_points(model, xs, ys, eps=eps, device=dev, steps=pgd_steps, seed=seed)
-        wci = weight_curvature_index(model, xs, ys, eps=eps, device=dev, n_probes=hutchinson_probes,
-                                     seed=seed, chunk_size=chunk_size, x_adv=x_adv, progress=progress)
-        curves = {"clean": weight_loss_curve(model, xs, ys, device=dev, alphas=weight_alphas, seed=seed)}
-        if adversarial_weight_curve and eps > 0:
-            curves[f"PGD-{pgd_steps} ε={eps:.4g}"] = weight_loss_curve(
-                model, xs, ys, device=dev, alphas=weight_alphas, seed=seed, adversarial_eps=eps,
-                pgd_steps=pgd_steps)
-        planes = []
-        for j in tqdm(range(min(landscape_points, n_use)), desc="loss planes", disable=not progress,
-                      leave=False):
-            r = df.delta[j] if bool(df.success[j]) and bool(df.clean_correct[j]) and float(df.norm[j]) > 0 else None
-            if r is None:
-                plane = loss_plane(model, xs[j], ys[j], device=dev, steps=landscape_steps,
-                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
-            else:
-                plane = loss_plane(model, xs[j], ys[j], device=dev, r=r, steps=landscape_steps,
-                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
-            planes.append(plane)
-    measured = df.norm.double().numpy()
-    lower, upper = th["lower"], th["upper"]
-    fin = np.isfinite(lower) & np.isfinite(upper) & np.isfinite(measured) & (th["c"] > 0)
-    files["profile"] = str(plot_curvature_profile(prof, out / "profile.png", label=label))
-    files["theorem1"] = str(plot_theorem1(lower, upper, measured, out / "theorem1.png"))
-    files["weight_curve"] = str(plot_weight_curves(curves, out / "weight_curve.png"))
-    for plane in planes:
-        key = f"plane_{plane.index}"
-        files[key] = str(plot_plane(plane, out / f"{key}.png", class_names=class_names))
-    n = n_use
-    hvps_profile = prof.hvps
-    result: dict[str, Any] = {
-        "label": label,
-        "n_points": n,
-        "indices": idx.tolist(),
-        "clean_accuracy": float(clean_correct.double().mean()),
-        "top_eigenvalues": prof.top_eigenvalues.tolist(),
-        "bottom_eigenvalues": prof.bottom_eigenvalues.tolist(),
-        "sorted_profile": None if prof.sorted_profile is None else prof.sorted_profile.tolist(),
-        "lambda_max": prof.lambda_max.tolist(),
-        "hz_norm": summ["hz_norm"],
-        "frobenius": summ["frobenius"],
-        "hz_norm_per_point": summ["hz_norm_per_point"],
-        "frobenius_per_point": summ["frobenius_per_point"],
-        "alignment": _finite_mean(th["alignment"]),
-        "alignment_per_point": th["alignment"].tolist(),
-        "random_alignment": 1.0 / math.sqrt(prof.dim),
-        "wci": wci["wci"],
-        "wci_layers": wci["layers"],
-        "adv_accuracy": wci["adv_accuracy"],
-        "adv_loss": wci["adv_loss"],
-        "theorem1": {
-            "t": th["t"],
-            "lower": lower.tolist(), "upper": upper.tolist(), "measured": measured.tolist(),
-            "linear": th["linear"].tolist(), "case": th["case"].tolist(),
-            "loss": th["loss"].tolist(), "c": th["c"].tolist(), "nu": th["nu"].tolist(),
-            "grad_norm": th["grad_norm"].tolist(), "grad_dot_u": th["grad_dot_u"].tolist(),
-            "deepfool_success": df.success.tolist(), "clean_correct": df.clean_correct.tolist(),
-            "n_compared": int(fin.sum()),
-            "fraction_measured_ge_lower": float(np.mean(measured[fin] >= lower[fin])) if fin.any() else None,
-            "fraction_measured_le_upper": float(np.mean(measured[fin] <= upper[fin])) if fin.any() else None,
-            "median_lower_over_measured": float(np.median(lower[fin] / measured[fin])) if fin.any() else None,
-            "median_upper_over_measured": float(np.median(upper[fin] / measured[fin])) if fin.any() else None,
-        },
-        "weight_curves": curves,
-        "planes": [p.to_dict() for p in planes],
-        "profile": prof.to_dict(per_point=True),
-        "hvps": hvps_profile + int(summ["hvps"]),
-        "hvps_per_point": hvps_profile / n,
-        "seconds_per_point": prof.seconds / n,
-        "seconds_total": time.perf_counter() - t_start,
-        "config": {
-            "h": h, "h_units": "l2 length of the finite-difference step in [0,1] pixel space",
-            "scheme": scheme, "k": k, "eps": eps, "n_gaussian": n_gaussian,
-            "hutchinson_probes": hutchinson_probes, "pgd_steps": pgd_steps, "seed": seed,
-            "device": str(dev), "dtype": str(xs.dtype), "dim": prof.dim,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "wci_formula": "sum_k ||W_k||_F * sqrt(max(0, Hutchinson Tr d2 L_adv / dW_k^2)), "
-                           "conv/linear weights, L_adv = mean CE at PGD points",
-            "theorem1_reading": "l = CE of the true class, t = log 2 (p_y > 1/2: sufficient for correct)",
-        },
-        "files": dict(files),
-    }
-    files["json"] = str(out / JSON_NAME)
-    result["files"] = dict(files)
-    with open(out / JSON_NAME, "w", encoding="utf-8") as fh:
-        json.dump(to_jsonable(result), fh, indent=1, allow_nan=False)
-    log.info("geometry written to %s (%.1f s)", out, result["seconds_total"])
-    return result
+    geometry = compute_geometry(
+        model, x, y, device=device, h=h, k=k, n_points=n_points, eps=eps, scheme=scheme,
+        n_gaussian=n_gaussian, full_spectrum=full_spectrum, hutchinson_probes=hutchinson_probes,
+        pgd_steps=pgd_steps, landscape_points=landscape_points, landscape_steps=landscape_steps,
+        weight_alphas=weight_alphas, adversarial_weight_curve=adversarial_weight_curve, label=label,
+        seed=seed, chunk_size=chunk_size, points_per_batch=points_per_batch, progress=progress)
+    return write_geometry(geometry, out_dir, label=label, class_names=class_names)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:

@@ -25,18 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cure import cure_direction  # noqa: F401  (re-exported: one definition, in the regulariser)
 from ..errors import UsageError
 from ._util import check_batch, check_device, check_positive, eval_mode, generator
 from .hessian import Scheme, _check_scheme, _grads, _hvp_pairs
 
 log = logging.getLogger(__name__)
-
-
-def cure_direction(grad: torch.Tensor) -> torch.Tensor:
-    """``sign(∇ℓ)/||sign(∇ℓ)||₂`` per sample (paper §4); all-zero rows stay zero."""
-    s = torch.sign(grad)
-    n = s.reshape(len(s), -1).norm(dim=1).clamp_min(1e-30)
-    return s / n.view(-1, *([1] * (s.ndim - 1)))
 
 
 def gradient_alignment(grad: torch.Tensor | np.ndarray, u: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@
   probe ``z`` covers all tensors at once; ``E[z_kᵀ(Hz)_k] = Tr H_kk`` because the off-diagonal
   blocks average out. Products ``Hz`` by double backpropagation.
 * :func:`weight_curvature_index` — WCI (arXiv:2410.07719, 2024, seed 004; only the abstract is
-  available, REFERENCE.md §8). The formula used here is::
+  available, docs/references.md §8). The formula used here is::
 
       WCI = Σ_k ||W_k||_F · sqrt(max(0, T̂_k)),   T̂_k ≈ Tr ∇²_{W_k} L_adv(W)
 
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks.pgd import MultiStepPGD
 from ..device import seeded_rng
-from ..errors import UsageError
+from ..errors import NotApplicable, UsageError
 from ._util import check_batch, check_device, eval_mode, generator
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def hutchinson_trace(
     dev = check_device(model, device)
     plist = list(params) if params is not None else conv_linear_weights(model)
     if not plist:
-        raise UsageError("the model has no conv/linear weights to measure")
+        raise NotApplicable("the model has no conv/linear weights to measure")
     names = [n for n, _ in plist]
     tensors = [p for _, p in plist]
     shapes = [p.shape for p in tensors]
@@ -170,19 +171,17 @@ def pgd_points(
     defaults to ``2.5·eps/steps``. torchattacks draws the random start from torch's global RNG:
     it is seeded with ``seed`` inside a forked RNG, so the caller's RNG state is untouched.
     """
-    import torchattacks
-
     check_batch(x, y)
     dev = check_device(model, device)
     if eps < 0:
         raise UsageError(f"eps must be >= 0, got {eps}")
     if eps == 0:
         return x.detach().to(dev)
-    atk = torchattacks.PGD(model, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps,
-                           steps=steps, random_start=True)
+    atk = MultiStepPGD(model, eps=eps, alpha=alpha if alpha is not None else 2.5 * eps / steps, steps=[steps],
+                       random_start=True)  # = torchattacks.PGD, bit for bit
     atk.set_device(dev)
     with eval_mode(model), seeded_rng(seed, dev):
-        return atk(x.to(dev), y.to(dev)).detach()
+        return atk(x.to(dev), y.to(dev))[steps].detach()
 
 
 def weight_curvature_index(
@@ -214,6 +213,8 @@ def weight_curvature_index(
         ``term``); ``adv_loss``; ``adv_accuracy``; ``n_probes``; ``eps``; ``seconds``.
     """
     dev = check_device(model, device)
+    if not conv_linear_weights(model):  # before the PGD points: nothing to measure
+        raise NotApplicable("the model has no conv/linear weights to measure")
     t0 = time.perf_counter()
     if x_adv is None:
         x_adv = pgd_points(model, x, y, eps=eps, device=dev, steps=steps, alpha=alpha, seed=seed)
@@ -295,6 +296,8 @@ def weight_loss_curve(
     x, y = x.to(dev), y.to(dev)
     alist = [float(a) for a in alphas]
     direction = filter_normalized_direction(model, seed=seed)
+    if not direction:
+        raise NotApplicable("the model has no conv/linear weights to perturb")
     params = dict(model.named_parameters())
     originals = {name: params[name].detach().clone() for name in direction}
 

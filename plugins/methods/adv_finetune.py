@@ -44,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cure_eval.attacks.deepfool import foolbox_deepfool
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
 from cure_eval.methods import Method, MethodConfig, StepStats
-from cure_eval.training import eval_mode
+from cure_eval.modes import eval_mode
 
 
 @contextlib.contextmanager
@@ -71,7 +72,7 @@ def deepfool_linf(
     """ℓ∞-DeepFool adversarial inputs of ``model`` (in eval mode) and per-point success flags."""
     with eval_mode(model), frozen_parameters(model):
         fmodel = foolbox.PyTorchModel(model, bounds=(0, 1), device=x.device)
-        attack = foolbox.attacks.LinfDeepFoolAttack(steps=steps, candidates=candidates, overshoot=overshoot)
+        attack = foolbox_deepfool("linf", steps=steps, candidates=candidates, overshoot=overshoot)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=UserWarning)
             raw, clipped, success = attack(fmodel, x.detach(), y, epsilons=max_eps)
@@ -99,16 +100,15 @@ class AdvFinetuneConfig(MethodConfig):
     max_eps: float | None = None
 
 
-class AdvFinetuneMethod(Method):
+class AdvFinetuneMethod(Method[AdvFinetuneConfig]):
     name = "adv_finetune"
     description = "adversarial fine-tuning on l-inf DeepFool examples (CURE paper §2)"
     fine_tunes = True
     Config = AdvFinetuneConfig
 
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
+    def check(cls, config: AdvFinetuneConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, AdvFinetuneConfig)
         if config.df_steps < 1 or config.candidates < 2:
             raise UsageError(f"df_steps must be >= 1 and candidates >= 2, got {config.df_steps}, {config.candidates}")
         if not 0.0 <= config.clean_weight <= 1.0:
@@ -129,20 +129,17 @@ class AdvFinetuneMethod(Method):
     @property
     def max_eps(self) -> float | None:
         c = self.config
-        assert isinstance(c, AdvFinetuneConfig)
         if c.max_eps is None:
             return None
         return self.ctx.eps if c.max_eps == -1 else float(c.max_eps)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        assert isinstance(c, AdvFinetuneConfig)
         return deepfool_linf(model, x, y, steps=c.df_steps, candidates=c.candidates, overshoot=c.overshoot,
                              max_eps=self.max_eps)
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         c = self.config
-        assert isinstance(c, AdvFinetuneConfig)
         x_adv, success = self.attack(model, x, y)
         logits_adv = model(x_adv)
         loss = F.cross_entropy(logits_adv, y)

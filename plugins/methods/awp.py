@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from cure_eval_plugins.methods.pgd_at import PGDATConfig, PGDATMethod, digits_or_cifar_defaults
+from cure_eval_plugins.methods.pgd_at import PGDATConfig, PGDATMethod
 from cure_eval_plugins.methods.trades import TradesConfig, TradesMethod
 from torch import nn
 from torch.func import functional_call
@@ -51,11 +51,12 @@ from torch.nn.modules.conv import _ConvNd
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
+from cure_eval.method_helpers import AttackBN, digits_or_cifar_defaults
 from cure_eval.methods import Method, MethodConfig, StepStats, TrainContext
 
 #: keeps ``d / ||d||`` finite for an all-zero gradient (the reference code's 1e-20)
 _TINY = 1e-20
-_BASES: dict[str, tuple[type[Method], type[MethodConfig]]] = {
+_BASES: dict[str, tuple[type[Method[Any]], type[MethodConfig]]] = {
     "pgd_at": (PGDATMethod, PGDATConfig),
     "trades": (TradesMethod, TradesConfig),
 }
@@ -91,20 +92,19 @@ class AWPConfig(MethodConfig):
     steps: int = 10
     step_size: float | None = None
     random_start: bool = True
-    attack_bn: str = "eval"
+    attack_bn: AttackBN = "eval"
     beta: float = 6.0
     init_std: float = 0.001
 
 
-class AWPMethod(Method):
+class AWPMethod(Method[AWPConfig]):
     name = "awp"
     description = "adversarial weight perturbation on PGD-AT or TRADES, from scratch (Wu et al. 2020)"
     fine_tunes = False
     Config = AWPConfig
 
-    def __init__(self, config: MethodConfig, ctx: TrainContext) -> None:
+    def __init__(self, config: AWPConfig, ctx: TrainContext) -> None:
         super().__init__(config, ctx)
-        assert isinstance(config, AWPConfig)
         self.base: PGDATMethod | TradesMethod = self._base_method(config, ctx)
         self.gamma = float(config.gamma if config.gamma is not None else _DEFAULT_GAMMA[config.base])
         if config.warmup_epochs is not None:
@@ -122,16 +122,15 @@ class AWPMethod(Method):
         return _BASES[config.base][0](cls._base_config(config), ctx)  # type: ignore[return-value]
 
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
+    def check(cls, config: AWPConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, AWPConfig)
         if config.base not in _BASES:
             raise UsageError(f"awp base must be one of {', '.join(_BASES)}, got {config.base!r}")
         if config.gamma is not None and config.gamma < 0:
             raise UsageError(f"awp gamma must be >= 0, got {config.gamma}")
         if config.warmup_epochs is not None and config.warmup_epochs < 0:
             raise UsageError(f"awp warmup_epochs must be >= 0, got {config.warmup_epochs}")
-        _BASES[config.base][0].check(cls._base_config(config))  # type: ignore[attr-defined]
+        _BASES[config.base][0].check(cls._base_config(config))
 
     @classmethod
     def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def default_h(spec: DatasetSpec) -> float:
     return spec.default_h / math.sqrt(sum(s * s for s in spec.std) / len(spec.std))
 
 
-class CureMethod(Method):
+class CureMethod(Method[CureConfig]):
     name = "cure"
     description = "curvature regularisation, fine-tuning a pre-trained model (Moosavi-Dezfooli et al. 2019)"
     fine_tunes = True
@@ -104,9 +104,8 @@ class CureMethod(Method):
         return base
 
     @classmethod
-    def check(cls, config: MethodConfig) -> None:
+    def check(cls, config: CureConfig) -> None:
         """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, CureConfig)
         if config.bn_mode not in BN_MODES:
             raise UsageError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {config.bn_mode!r}")
         if config.h < 0 or config.gamma < 0:
@@ -137,7 +136,6 @@ class CureMethod(Method):
     @property
     def current_h(self) -> float:
         c = self.config
-        assert isinstance(c, CureConfig)
         if c.h_ramp_epochs <= 0:
             return c.h
         return c.h * min(1.0, (self.epoch + 1) / c.h_ramp_epochs)
@@ -145,7 +143,6 @@ class CureMethod(Method):
     @property
     def current_gamma(self) -> float:
         c = self.config
-        assert isinstance(c, CureConfig)
         gamma = c.gamma
         for start, value in zip(c.gamma_milestones, c.gamma_values, strict=True):
             if self.epoch >= start:
@@ -154,7 +151,6 @@ class CureMethod(Method):
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         c = self.config
-        assert isinstance(c, CureConfig)
         terms = cure_terms(model, x, y, h=self.current_h, squared=c.squared, bn_mode=c.bn_mode)
         total = terms.loss + self.current_gamma * terms.reg
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +163,6 @@ class CureMethod(Method):
 
     def probe_metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         c = self.config
-        assert isinstance(c, CureConfig)
         if c.probe_points <= 0:
             return {}
         with torch.enable_grad():

@@ -25,14 +25,13 @@ iterations of batch 128 ≈ 205 epochs, lr 0.1 divided by 10 at 40k and 60k iter
 and 154, weight decay 2e-4; our SGD uses Nesterov momentum where Madry's used plain momentum). On
 digits: Adam 1e-3 cosine, batch 64, 15 epochs, as ``standard``.
 
-The helpers :func:`pgd_linf`, :func:`attack_mode` and :func:`digits_or_cifar_defaults` are
-shared with ``trades`` and ``awp``. Nothing here has state beyond the model and optimiser: resuming is exact.
+The helpers it shares with ``trades`` and ``awp`` live in the core:
+:func:`cure_eval.attacks.pgd.pgd_linf` and :mod:`cure_eval.method_helpers`. Nothing here has
+state beyond the model and optimiser: resuming is exact.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,60 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_eval.data import DatasetSpec
-from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, StepStats
-from cure_eval.training import eval_mode
-
-#: ``forward(inputs) -> logits``: the model itself, or a functional copy of it (AWP's proxy).
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
-@contextlib.contextmanager
-def attack_mode(model: nn.Module, bn: str) -> Iterator[None]:
-    """Model mode for crafting adversarial examples: ``eval`` (every submodule in eval mode,
-    previous modes restored afterwards) or ``train`` (left as it is)."""
-    if bn == "eval":
-        with eval_mode(model):
-            yield
-    elif bn == "train":
-        yield
-    else:
-        raise UsageError(f"attack_bn must be 'eval' or 'train', got {bn!r}")
-
-
-def pgd_linf(
-    model: Forward, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
-    random_start: bool = True,
-) -> torch.Tensor:
-    """ℓ∞ PGD on the cross-entropy (Madry et al. 2018), returning detached adversarial inputs.
-
-    Start: ``x + U(-ε, ε)`` clipped to [0, 1] (or ``x``); then ``steps`` times
-    ``x ← clip_[0,1](clip_{x0±ε}(x + α·sign ∇ₓ CE))``. Only input gradients are computed
-    (``autograd.grad``), so no parameter ``.grad`` is touched. Uses the global RNG of ``x``'s device.
-    """
-    x0 = x.detach()
-    if random_start:
-        adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0.0, 1.0)
-    else:
-        adv = x0.clone()
-    for _ in range(steps):
-        adv.requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, adv)
-        adv = adv.detach() + alpha * grad.sign()
-        adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0.0, 1.0)
-    return adv.detach()
-
-
-def digits_or_cifar_defaults(spec: DatasetSpec) -> dict[str, Any]:
-    """``standard``'s optimiser settings (the from-scratch baselines share them)."""
-    if spec.name == "digits":
-        return {"epochs": 15, "batch_size": 64, "optimizer": "adam", "lr": 1e-3,
-                "weight_decay": 0.0, "lr_schedule": "cosine"}
-    return {"epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4,
-            "lr_schedule": "cosine"}
+from cure_eval.attacks.pgd import pgd_linf
+from cure_eval.method_helpers import (
+    AttackBN,
+    Forward,
+    InnerAttackMethod,
+    attack_mode,
+)
+from cure_eval.methods import MethodConfig, StepStats
 
 
 @dataclass
@@ -111,32 +64,13 @@ class PGDATConfig(MethodConfig):
     steps: int = 10
     step_size: float | None = None
     random_start: bool = True
-    attack_bn: str = "eval"
+    attack_bn: AttackBN = "eval"
 
 
-def check_inner_attack(*, attack_bn: str, steps: int) -> None:
-    """Validate the inner-attack options shared by ``pgd_at`` and ``trades``."""
-    if attack_bn not in ("eval", "train"):
-        raise UsageError(f"attack_bn must be 'eval' or 'train', got {attack_bn!r}")
-    if steps < 0:
-        raise UsageError(f"steps must be >= 0, got {steps}")
-
-
-class PGDATMethod(Method):
+class PGDATMethod(InnerAttackMethod[PGDATConfig]):
     name = "pgd_at"
     description = "PGD(10) adversarial training from scratch (Madry et al. 2018)"
-    fine_tunes = False
     Config = PGDATConfig
-
-    @classmethod
-    def check(cls, config: MethodConfig) -> None:
-        """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, PGDATConfig)
-        check_inner_attack(attack_bn=config.attack_bn, steps=config.steps)
-
-    @classmethod
-    def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
-        return digits_or_cifar_defaults(spec)
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
@@ -148,16 +82,9 @@ class PGDATMethod(Method):
                       "lr_milestones": (102, 154)},
         }
 
-    @property
-    def alpha(self) -> float:
-        c = self.config
-        assert isinstance(c, PGDATConfig)
-        return c.step_size if c.step_size is not None else self.ctx.spec.pgd_alpha / 255
-
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial inputs of the current model (in ``attack_bn`` mode)."""
         c = self.config
-        assert isinstance(c, PGDATConfig)
         with attack_mode(model, c.attack_bn):
             return pgd_linf(model, x, y, eps=self.ctx.eps, alpha=self.alpha, steps=c.steps,
                             random_start=c.random_start)

@@ -21,7 +21,7 @@ class StandardConfig(MethodConfig):
     label_smoothing: float = 0.0
 
 
-class StandardMethod(Method):
+class StandardMethod(Method[StandardConfig]):
     name = "standard"
     description = "plain cross-entropy training"
     Config = StandardConfig
@@ -34,7 +34,6 @@ class StandardMethod(Method):
         return {"epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4}
 
     def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        assert isinstance(self.config, StandardConfig)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ Inner maximisation as in the reference code: start ``x + 0.001·N(0, I)`` (not c
 first step), ``steps = 10`` ℓ∞ sign-gradient steps on ``KL(softmax f(x) ‖ softmax f(x'))`` (sum),
 each followed by projection onto the ε-ball ∩ [0, 1]; the model is in eval mode during the attack
 (``model.eval()`` in the reference code; ``attack_bn=train`` keeps train mode). The reference
-values ε = 0.031, step 0.007 (REFERENCE.md §8) are scaled to the run: ``ε = ctx.eps`` and step
+values ε = 0.031, step 0.007 (docs/references.md §8) are scaled to the run: ``ε = ctx.eps`` and step
 ``ctx.spec.pgd_alpha / 255`` (2/255 ≈ 0.0078 on CIFAR-10, AWP's TRADES value; preset ``paper``
 sets 0.007). β = 6 (the paper's CIFAR-10 value for its headline results).
 
@@ -29,16 +29,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from cure_eval_plugins.methods.pgd_at import (
-    Forward,
-    attack_mode,
-    check_inner_attack,
-    digits_or_cifar_defaults,
-)
 from torch import nn
 
-from cure_eval.data import DatasetSpec
-from cure_eval.methods import Method, MethodConfig, StepStats
+from cure_eval.method_helpers import (
+    AttackBN,
+    Forward,
+    InnerAttackMethod,
+    attack_mode,
+)
+from cure_eval.methods import MethodConfig, StepStats
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
@@ -80,24 +79,13 @@ class TradesConfig(MethodConfig):
     steps: int = 10
     step_size: float | None = None
     init_std: float = 0.001
-    attack_bn: str = "eval"
+    attack_bn: AttackBN = "eval"
 
 
-class TradesMethod(Method):
+class TradesMethod(InnerAttackMethod[TradesConfig]):
     name = "trades"
     description = "TRADES: CE + β·KL to a KL-PGD(10) point, from scratch (Zhang et al. 2019)"
-    fine_tunes = False
     Config = TradesConfig
-
-    @classmethod
-    def check(cls, config: MethodConfig) -> None:
-        """Refuse invalid option values with a one-line :class:`UsageError`."""
-        assert isinstance(config, TradesConfig)
-        check_inner_attack(attack_bn=config.attack_bn, steps=config.steps)
-
-    @classmethod
-    def default_config(cls, spec: DatasetSpec, model_name: str) -> dict[str, Any]:
-        return digits_or_cifar_defaults(spec)
 
     @classmethod
     def presets(cls) -> dict[str, dict[str, Any]]:
@@ -109,16 +97,9 @@ class TradesMethod(Method):
                       "beta": 6.0, "steps": 10, "step_size": 0.007},
         }
 
-    @property
-    def alpha(self) -> float:
-        c = self.config
-        assert isinstance(c, TradesConfig)
-        return c.step_size if c.step_size is not None else self.ctx.spec.pgd_alpha / 255
-
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The KL-maximising point of the ε-ball (labels unused, as in TRADES)."""
         c = self.config
-        assert isinstance(c, TradesConfig)
         with attack_mode(model, c.attack_bn):
             return trades_attack(model, x, eps=self.ctx.eps, alpha=self.alpha, steps=c.steps,
                                  init_std=c.init_std)
@@ -127,7 +108,6 @@ class TradesMethod(Method):
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``CE(f(x), y) + β·KL(f(x) ‖ f(x_adv))`` and detached statistics."""
         c = self.config
-        assert isinstance(c, TradesConfig)
         logits_nat = forward(x)
         logits_adv = forward(x_adv)
         ce = F.cross_entropy(logits_nat, y)

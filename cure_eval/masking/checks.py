@@ -1,67 +1,14 @@
-"""Gradient-masking checks: is a model's robustness real, or do its gradients lie?
-
-A robustness number from gradient attacks (FGSM, PGD) is only as good as the gradients. A model
-can look robust because its gradients are useless — shattered (non-differentiable or zero),
-vanishing (saturated softmax) or stochastic (randomness at inference) — while adversarial
-examples exist in plenty (Athalye, Carlini and Wagner 2018, https://arxiv.org/abs/1802.00420;
-Carlini et al. 2019, https://arxiv.org/abs/1902.06705). This module runs the standard warning
-signs as small, separate checks, each returning one :class:`Finding`, and combines them in
-:func:`run_masking_check` into a :class:`MaskingReport` with a verdict.
-
-The central check is the CURE paper's (Moosavi-Dezfooli et al., CVPR 2019,
-https://arxiv.org/abs/1811.09716, §5 "Stronger attacks and verifying the absence of gradient
-masking", Fig. 7): per test point, the *adversarial loss* (true logit minus largest other logit at
-the returned point) of the gradient-free SPSA attack (Uesato et al. 2018,
-https://arxiv.org/abs/1802.05666) against that of PGD(100). If SPSA, which never looks at a
-gradient, does clearly better than PGD, the gradients are masked.
-
-=========================  ==================================================================
-check                      warning sign (source)
-=========================  ==================================================================
-``spsa_vs_pgd``            gradient-free SPSA beats PGD(100) per point (CURE Fig. 7; Uesato
-                           et al. 2018; Athalye et al. 2018 "black-box beats white-box")
-``fgsm_vs_pgd``            single-step FGSM fools points PGD(100) does not (Athalye et al. 2018;
-                           Carlini et al. 2019)
-``eps_monotone``           PGD robust accuracy rises with ε (Carlini et al. 2019)
-``unbounded``              PGD with ε = 1 (the whole input range) does not fool everything (ART;
-                           Carlini et al. 2019; Pintor et al. 2022 "unconstrained attack
-                           failure")
-``random_noise``           uniform noise in the ε-ball fools points PGD(100) does not (Athalye
-                           et al. 2018; Carlini et al. 2019)
-``gradients``              zero, NaN or infinite input gradients (ART; AutoAttack; Pintor et al.
-                           2022 "unavailable gradients")
-``randomised_forward``     the same input gives different logits (AutoAttack, Croce and Hein
-                           2020, https://arxiv.org/abs/2003.01690)
-``probability_outputs``    outputs are probabilities, not logits (AutoAttack)
-``pgd_convergence``        PGD(100) still far below PGD(40), or PGD's loss still rising at its
-                           last steps (Pintor et al. 2022, https://arxiv.org/abs/2106.09947,
-                           "incomplete optimisation")
-=========================  ==================================================================
-
-Statuses and the verdict. Each check compares one number (``value``) with one ``threshold``:
-``FAIL`` when the value is beyond the threshold (and, for per-point shares, at least
-:data:`MIN_POINTS` points are involved), ``WARN`` when there is some evidence below that — single
-stray points, of the size honest models also show —, ``PASS`` otherwise. The verdict is
-``"suspect"`` if any check FAILs and ``"pass"`` otherwise. WARNs are reported but do not count:
-a CURE-trained digits model without any masking had SPSA fool 3 of its 176 points PGD(100)
-missed and FGSM fool 1 (both WARN); counting those would make every honest model suspect.
-``docs/masking.md`` lists the measured values behind every threshold.
-
-Fractions are per point and over the *attacked* points (those classified correctly clean), the
-same denominator for every check, so that a FAIL reads "this share of the points we attacked".
-"""
+"""The gradient-masking checks: thresholds, :class:`Finding`, and one small function per
+warning sign (see :mod:`cure_eval.masking` for the table of checks and their sources)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import textwrap
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -70,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import AttackResult, SuiteResult, eps_sweep, run_suite
-from .data import select_points
-from .device import seeded_rng
-from .errors import UsageError
-from .training import eval_mode
+from ..attacks.pgd import linf_random_start, linf_step
+from ..device import seeded_rng
+from ..errors import UsageError
+from ..io import to_jsonable
+from ..modes import check_device, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +102,7 @@ class Finding:
         out: dict[str, Any] = {"name": self.name, "status": self.status, "value": _json_float(self.value),
                                "threshold": _json_float(self.threshold), "message": self.message}
         if details:
-            out["details"] = _jsonable(self.details)
+            out["details"] = to_jsonable(self.details)
         return out
 
 
@@ -173,150 +120,6 @@ def _json_float(v: float) -> float | None:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def _jsonable(obj: Any) -> Any:
-    """Details as plain JSON types (NaN/inf → None, tensors/arrays → lists)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
-
-
-@dataclass
-class MaskingReport:
-    """All findings of :func:`run_masking_check` and the per-point data of the Fig. 7 scatter.
-
-    ``verdict`` is ``"suspect"`` if any finding FAILs, else ``"pass"`` (WARNs do not count, see
-    the module docs). ``pgd_margin`` / ``spsa_margin`` hold the adversarial loss (true logit minus
-    largest other logit, CURE Fig. 7) at the points PGD(100) and SPSA returned, for the attacked
-    (clean-correct) points, NaN elsewhere.
-    """
-
-    verdict: Verdict
-    findings: list[Finding]
-    eps: float
-    n: int
-    clean_accuracy: float
-    clean_correct: torch.Tensor
-    clean_margin: torch.Tensor
-    pgd_margin: torch.Tensor
-    spsa_margin: torch.Tensor
-    tolerance: float
-    settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == "FAIL"]
-
-    @property
-    def warned(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == "WARN"]
-
-    def finding(self, name: str) -> Finding:
-        """The finding called ``name`` (KeyError if there is none)."""
-        for f in self.findings:
-            if f.name == name:
-                return f
-        raise KeyError(f"no finding {name!r}: have {', '.join(f.name for f in self.findings)}")
-
-    def to_dict(self, *, details: bool = True) -> dict[str, Any]:
-        """JSON-ready: ``{"verdict", "findings": [{"name", "status", "value", "threshold",
-        "message"}...], "failed", "warned", "eps", "n", "clean_accuracy", "tolerance",
-        "settings", "seconds", "details": {name: details}}``."""
-        return {
-            "verdict": self.verdict,
-            "findings": [f.to_dict() for f in self.findings],
-            "failed": [f.name for f in self.failed],
-            "warned": [f.name for f in self.warned],
-            "eps": self.eps,
-            "n": self.n,
-            "clean_accuracy": _json_float(self.clean_accuracy),
-            "tolerance": self.tolerance,
-            "settings": _jsonable(self.settings),
-            "seconds": self.seconds,
-            **({"details": {f.name: _jsonable(f.details) for f in self.findings}} if details else {}),
-        }
-
-    def format_table(self, *, tablefmt: str = "github") -> str:
-        """The findings as a table (tabulate), verdict on the first line."""
-        from tabulate import tabulate
-
-        rows = [[f.name, f.status, _fmt(f.value), _fmt(f.threshold), f.message] for f in self.findings]
-        head = (f"gradient-masking check: {self.verdict.upper()} ({len(self.failed)} FAIL, "
-                f"{len(self.warned)} WARN; {self.n} points, ε = {self.eps * 255:.4g}/255)")
-        table = tabulate(rows, headers=["check", "status", "value", "FAIL if beyond", "what it means"],
-                         tablefmt=tablefmt)
-        return f"{head}\n{table}"
-
-    def plot_scatter(self, path: str | Path, *, title: str | None = None) -> Path:
-        """CURE Fig. 7: SPSA adversarial loss (y) against PGD(100)'s (x), one dot per point.
-
-        Only attacked (clean-correct) points are drawn. The line y = x and the zero lines are
-        marked; points where SPSA's loss is lower than PGD's by more than the tolerance are red.
-        Written as a PNG (Agg canvas, no global pyplot state); returns the path.
-        """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        path = Path(path)
-        mask = self.clean_correct & torch.isfinite(self.pgd_margin) & torch.isfinite(self.spsa_margin)
-        px = self.pgd_margin[mask].double().numpy()
-        sy = self.spsa_margin[mask].double().numpy()
-        cm = self.clean_margin[mask].double().numpy()
-        red = sy < px - self.tolerance * np.abs(cm)
-        fig = Figure(figsize=(5.2, 5.0), dpi=120)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        if len(px):
-            lo = float(min(px.min(), sy.min()))
-            hi = float(max(px.max(), sy.max()))
-            pad = 0.05 * (hi - lo) if hi > lo else 1.0
-            lo, hi = lo - pad, hi + pad
-            ax.plot([lo, hi], [lo, hi], color="0.3", lw=1.0, ls="--", label="y = x", zorder=1)
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-        ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
-        ax.axvline(0.0, color="0.6", lw=0.8, zorder=0)
-        ax.scatter(px[~red], sy[~red], s=12, c="tab:blue", alpha=0.7, zorder=2,
-                   label=f"similar or PGD stronger ({int((~red).sum())})")
-        ax.scatter(px[red], sy[red], s=14, c="tab:red", alpha=0.85, zorder=3,
-                   label=f"SPSA stronger ({int(red.sum())})")
-        ax.set_xlabel("adversarial loss, PGD(100)  (true − best other logit)")
-        ax.set_ylabel("adversarial loss, SPSA")
-        if title is None:
-            lines = [f"gradient masking: {self.verdict.upper()}  (ε = {self.eps * 255:.4g}/255, "
-                     f"{int(mask.sum())} points)"]
-            if self.failed:
-                lines += textwrap.wrap("FAIL: " + ", ".join(f.name for f in self.failed), 60)
-            title = "\n".join(lines)
-        ax.set_title(title, fontsize=9)
-        ax.legend(loc="upper left", fontsize=7, framealpha=0.9)
-        ax.text(0.98, 0.02, "negative: misclassified", transform=ax.transAxes, ha="right",
-                va="bottom", fontsize=7, color="0.4")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
-
-
-def _fmt(v: float) -> str:
-    if math.isnan(v):
-        return "nan"
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
-        return f"{v:.3g}"
-    return f"{v:.4g}"
-
-
 def _frac(mask: torch.Tensor, among: torch.Tensor) -> float:
     """Share of the ``among`` points where ``mask`` holds (NaN when there are none)."""
     k = int(among.sum())
@@ -329,7 +132,7 @@ def _frac(mask: torch.Tensor, among: torch.Tensor) -> float:
 @contextmanager
 def _model_on(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """Model on ``device`` in eval mode; the caller's train/eval modes restored afterwards."""
-    model.to(device)
+    check_device(model, device)
     with eval_mode(model):
         yield model
 
@@ -370,7 +173,9 @@ def pgd_trajectory(
     batch_size: int = 256,
     progress: bool = False,
 ) -> PGDTrajectory:
-    """ℓ∞ PGD (Madry et al. 2018) that records every iterate's per-point loss.
+    """ℓ∞ PGD (Madry et al. 2018) that records every iterate's per-point loss (the PGD core of
+    :mod:`cure_eval.attacks.pgd`: :func:`~cure_eval.attacks.pgd.linf_random_start`,
+    :func:`~cure_eval.attacks.pgd.linf_step`).
 
     Exactly ``torchattacks.PGD``'s operations (uniform random start drawn with
     ``torch.empty_like(x).uniform_(-eps, eps)`` after ``torch.manual_seed(seed)``, gradient of the
@@ -394,7 +199,7 @@ def pgd_trajectory(
             yb = y[s:s + batch_size].to(dev)
             adv = xb.clone()
             if random_start:
-                adv = torch.clamp(adv + torch.empty_like(adv).uniform_(-eps, eps), 0, 1).detach()
+                adv = linf_random_start(adv, eps)
             active = torch.arange(len(xb), device=dev)
             rows = torch.arange(s, s + len(xb))
             for t in range(steps + 1):
@@ -409,9 +214,7 @@ def pgd_trajectory(
                 if t == steps:
                     break
                 (grad,) = torch.autograd.grad(lvec.mean(), a)
-                step = a.detach() + alpha * grad.sign()
-                delta = torch.clamp(step - xb[active], min=-eps, max=eps)
-                adv[active] = torch.clamp(xb[active] + delta, 0, 1).detach()
+                adv[active] = linf_step(a, grad, xb[active], eps=eps, alpha=alpha)
                 if early_stop:
                     keep = ~fooled
                     adv[active[fooled]] = a.detach()[fooled]  # keep the fooling iterate
@@ -842,277 +645,3 @@ def random_noise_fooled(
                               for i in range(0, len(xn), 4 * batch_size)])
             fooled[s:s + len(xb)] = (pred.view(len(xb), draws) != y[s:s + per, None].cpu()).any(dim=1)
     return fooled
-
-
-# --------------------------------------------------------------------------------------------
-# The whole check.
-# --------------------------------------------------------------------------------------------
-def _reusable(suite: SuiteResult | None, x: torch.Tensor, y: torch.Tensor, eps: float) -> list[str]:
-    """Attacks of ``suite`` that can be reused for these points, or [] (with the reason logged)."""
-    if suite is None:
-        return []
-    if suite.cascade:
-        log.warning("masking check: the given suite is a cascade (per-attack results cover only the "
-                    "points earlier attacks left): running its own attacks")
-        return []
-    if suite.n != len(x) or not torch.equal(suite.labels.cpu(), y.cpu().long()):
-        log.warning("masking check: the given suite was run on other points: running its own attacks")
-        return []
-    if abs(suite.eps - eps) > 1e-12:
-        log.warning("masking check: the given suite used ε = %g, not %g: running its own attacks",
-                    suite.eps, eps)
-        return []
-    return [a for a in NEEDED_ATTACKS if a in suite.attacks]
-
-
-def run_masking_check(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    device: torch.device | str,
-    n: int | None = None,
-    seed: int = 0,
-    pgd_alpha: float = 2 / 255,
-    spsa_iterations: int = 100,
-    batch_size: int = 256,
-    suite: SuiteResult | None = None,
-    progress: bool = True,
-    tolerance: float = SPSA_TOLERANCE,
-) -> MaskingReport:
-    """Run every gradient-masking check on ``(x, y)`` and return the report with its verdict.
-
-    Args:
-        model: classifier mapping [0, 1] images to logits. Moved to ``device``, run in eval
-            mode; its (and every submodule's) train/eval mode is restored afterwards, also on
-            error.
-        x: images ``(N, C, H, W)`` in [0, 1]; y: integer labels ``(N,)``.
-        eps: ℓ∞ radius in [0, 1] pixel units.
-        device: where the model runs (``"cpu"``, ``"cuda:0"``...). Required, never guessed.
-        n: check only a seeded subset of ``n`` points (:func:`cure_eval.data.select_points`).
-            Default: all.
-        seed: seed of the attacks' random starts, SPSA's streams and the noise. Default 0.
-        pgd_alpha: PGD step size (FGSM, PGD(40/100), the trajectory). Default 2/255.
-        spsa_iterations: SPSA Adam steps (128 samples each, early stop). Default 100, the CURE
-            paper's setting; fewer make SPSA weaker, which can only hide masking.
-        batch_size: points per attack call. Default 256.
-        suite: a non-cascade :class:`~cure_eval.attacks.SuiteResult` on the same points and ε:
-            its ``fgsm``, ``pgd40``, ``pgd100`` and ``spsa`` results are reused and only the
-            missing ones are run (SPSA with the suite's point indices).
-        progress: tqdm bars. Default True.
-        tolerance: SPSA is "stronger" on a point when its adversarial loss is below PGD(100)'s
-            by more than ``tolerance`` × the point's clean margin. Default
-            :data:`SPSA_TOLERANCE`.
-
-    What runs beyond the suite attacks (all on the clean-correct points): an ε sweep
-    (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via :func:`~cure_eval.attacks.eps_sweep`), PGD(100)
-    at ε = 1 from the clean input (early stop), 100 noise draws per point, a PGD(100) trajectory
-    of the points PGD(100) did not fool, input gradients and 5 + 1 forward passes.
-    """
-    start = time.perf_counter()
-    dev = torch.device(device)
-    if not torch.is_floating_point(x) or x.ndim < 2 or len(x) == 0:
-        raise UsageError(f"x must be a non-empty float batch (N, ...), got {x.dtype} {tuple(x.shape)}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise UsageError(f"y must be labels of shape ({len(x)},), got {tuple(y.shape)}")
-    if not 0.0 < eps <= 1.0:
-        raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
-    if spsa_iterations < 1:
-        raise UsageError(f"the masking check needs SPSA: spsa_iterations must be >= 1, got {spsa_iterations}")
-    if tolerance < 0:
-        raise UsageError(f"tolerance must be >= 0, got {tolerance}")
-    x = x.detach().cpu()
-    y = y.detach().cpu().long()
-    reuse = _reusable(suite, x, y, eps)
-    points = select_points(len(x), n, seed)
-    x, y = x[points], y[points]
-    indices = (suite.indices[points] if suite is not None and reuse else points)
-
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        missing = [a for a in NEEDED_ATTACKS if a not in reuse]
-        results: dict[str, AttackResult] = {}
-        if reuse:
-            assert suite is not None
-            log.info("masking check: reusing %s from the given suite", ", ".join(reuse))
-            results.update({a: _subset(suite.attacks[a], points) for a in reuse})
-            clean_margin = suite.clean_margin[points]
-        if missing:
-            log.info("masking check: running %s on %d points", ", ".join(missing), len(x))
-            own = run_suite(model, x, y, eps=eps, device=dev, attacks=missing, batch_size=batch_size,
-                            seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
-                            indices=indices, progress=progress)
-            results.update(own.attacks)
-            if not reuse:
-                clean_margin = own.clean_margin
-        # Points every attack attacked (= clean-correct; a randomised model may disagree with itself).
-        attacked = torch.ones(len(x), dtype=torch.bool)
-        for a in NEEDED_ATTACKS:
-            attacked &= results[a].attacked
-        pgd100, pgd40, fgsm, spsa = (results[a] for a in ("pgd100", "pgd40", "fgsm", "spsa"))
-        pgd_fooled = pgd100.success
-        nan = torch.full((len(x),), math.nan)
-        pgd_margin = torch.where(attacked, pgd100.margin.float(), nan)
-        spsa_margin = torch.where(attacked, spsa.margin.float(), nan)
-        findings: list[Finding] = []
-        findings.append(check_spsa_vs_pgd(pgd_margin=pgd100.margin.float(), spsa_margin=spsa.margin.float(),
-                                          clean_margin=clean_margin.float(), attacked=attacked,
-                                          tolerance=tolerance))
-        findings.append(check_fgsm_vs_pgd(fgsm_fooled=fgsm.success, pgd_fooled=pgd_fooled,
-                                          attacked=attacked))
-
-        # ε sweep: PGD(20) with a step that can cross each radius.
-        eps_list = sorted({min(1.0, f * eps) for f in EPS_SWEEP_FACTORS})
-        accs: list[float] = []
-        for e in eps_list:
-            sw = eps_sweep(model, x, y, [e], device=dev, steps=EPS_SWEEP_STEPS,
-                           alpha=max(pgd_alpha, 2.5 * e / EPS_SWEEP_STEPS), batch_size=batch_size,
-                           seed=seed, progress=progress)
-            accs.append(sw.robust_accuracy[0])
-        findings.append(check_eps_monotone(eps=eps_list, robust_accuracy=accs, n=len(x)))
-
-        idx = attacked.nonzero().flatten()
-        xa, ya = x[idx], y[idx]
-        unb = pgd_trajectory(model, xa, ya, eps=1.0, alpha=max(pgd_alpha, 2.5 / UNBOUNDED_STEPS),
-                             steps=UNBOUNDED_STEPS, device=dev, seed=seed, random_start=False,
-                             early_stop=True, batch_size=batch_size, progress=progress)
-        unb_robust = torch.zeros(len(x), dtype=torch.bool)
-        unb_robust[idx] = ~unb.fooled.any(dim=1)
-        findings.append(check_unbounded(robust=unb_robust, attacked=attacked))
-
-        noise = torch.zeros(len(x), dtype=torch.bool)
-        noise[idx] = random_noise_fooled(model, xa, ya, eps=eps, device=dev, seed=seed,
-                                         batch_size=batch_size)
-        findings.append(check_random_noise(noise_fooled=noise, pgd_fooled=pgd_fooled, attacked=attacked))
-
-        findings.append(check_gradients(model, xa, ya, device=dev, eps=eps, seed=seed,
-                                        batch_size=batch_size))
-        findings.append(check_randomised_forward(model, x, device=dev, batch_size=batch_size))
-        findings.append(check_probability_outputs(model, x, device=dev, batch_size=batch_size))
-
-        # Convergence: a fresh PGD(100) trajectory of the points PGD(100) did not fool.
-        surv = (attacked & ~pgd_fooled).nonzero().flatten()
-        improving = torch.zeros(len(x), dtype=torch.bool)
-        restart_fooled = 0
-        if len(surv):
-            tr = pgd_trajectory(model, x[surv], y[surv], eps=eps, alpha=pgd_alpha, steps=100,
-                                device=dev, seed=seed + 1, batch_size=batch_size, progress=progress)
-            survived = ~tr.fooled.any(dim=1)
-            improving[surv] = still_improving(tr.loss) & survived
-            restart_fooled = int((~survived).sum())
-        conv = check_pgd_convergence(pgd40_fooled=pgd40.success, pgd100_fooled=pgd_fooled,
-                                     improving=improving, attacked=attacked)
-        conv.details["restart_fooled"] = restart_fooled
-        conv.details["restart_points"] = len(surv)
-        findings.append(conv)
-    finally:
-        for m, training in modes:
-            m.train(training)
-
-    verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
-    settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
-                "batch_size": batch_size, "reused_from_suite": reuse, "ran": missing,
-                "eps_sweep": eps_list, "noise_draws": NOISE_DRAWS,
-                "unbounded_steps": UNBOUNDED_STEPS, "indices": indices.tolist()}
-    report = MaskingReport(
-        verdict=verdict, findings=findings, eps=float(eps), n=len(x),
-        clean_accuracy=float(attacked.double().mean()), clean_correct=attacked,
-        clean_margin=clean_margin.float(), pgd_margin=pgd_margin, spsa_margin=spsa_margin,
-        tolerance=tolerance, settings=settings, seconds=time.perf_counter() - start,
-    )
-    log.info("masking check: %s (%s) in %.1fs", verdict,
-             ", ".join(f"{f.name}={f.status}" for f in findings), report.seconds)
-    return report
-
-
-def _subset(res: AttackResult, points: torch.Tensor) -> AttackResult:
-    """An :class:`~cure_eval.attacks.AttackResult` restricted to ``points``."""
-    from dataclasses import replace
-
-    extra = {k: v[points] for k, v in res.extra.items()}
-    return replace(res, x_adv=res.x_adv[points], adv_pred=res.adv_pred[points],
-                   success=res.success[points], robust=res.robust[points], margin=res.margin[points],
-                   linf=res.linf[points], l2=res.l2[points], attacked=res.attacked[points], extra=extra)
-
-
-# --------------------------------------------------------------------------------------------
-# Models that mask gradients on purpose: to test that a masking detector detects.
-# --------------------------------------------------------------------------------------------
-class QuantizedInput(nn.Module):
-    """Shattered gradients: the input is rounded to ``levels`` grey levels before ``model``.
-
-    ``torch.round`` has a zero derivative everywhere, so the input gradient is exactly zero (no
-    straight-through estimator). Thermometer-encoding-style defences (Buckman et al. 2018)
-    broken by Athalye et al. 2018 work the same way.
-    """
-
-    def __init__(self, model: nn.Module, *, levels: int = 8) -> None:
-        super().__init__()
-        if levels < 2:
-            raise UsageError(f"levels must be >= 2, got {levels}")
-        self.model = model
-        self.levels = levels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.levels - 1
-        out: torch.Tensor = self.model(torch.round(x * k) / k)
-        return out
-
-
-class SaturatedLogits(nn.Module):
-    """Vanishing gradients: logits multiplied by ``scale`` (default 10⁴).
-
-    Predictions and margins' signs are unchanged, but the softmax saturates: wherever the
-    margin exceeds ~104 / ``scale`` logits, every term of the cross-entropy gradient is below
-    float32's smallest number and is exactly 0 (``p_y`` rounds to 1, ``p_j = exp(−scale·m)``
-    underflows). Defensive distillation at high temperature fails the same way (Carlini and
-    Wagner 2016).
-    """
-
-    def __init__(self, model: nn.Module, *, scale: float = 1e4) -> None:
-        super().__init__()
-        self.model = model
-        self.scale = scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(x) * self.scale
-        return out
-
-
-class NoisyInput(nn.Module):
-    """Stochastic gradients: Gaussian noise (std ``sigma``) added to the input at every call,
-    also in eval mode, as randomised defences do (e.g. random self-ensemble, Liu et al. 2018)."""
-
-    def __init__(self, model: nn.Module, *, sigma: float = 0.1) -> None:
-        super().__init__()
-        self.model = model
-        self.sigma = sigma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.model(x + self.sigma * torch.randn_like(x))
-        return out
-
-
-__all__ = [
-    "Finding",
-    "MaskingReport",
-    "NEEDED_ATTACKS",
-    "NoisyInput",
-    "PGDTrajectory",
-    "QuantizedInput",
-    "SaturatedLogits",
-    "check_eps_monotone",
-    "check_fgsm_vs_pgd",
-    "check_gradients",
-    "check_pgd_convergence",
-    "check_probability_outputs",
-    "check_random_noise",
-    "check_randomised_forward",
-    "check_spsa_vs_pgd",
-    "check_unbounded",
-    "pgd_trajectory",
-    "random_noise_fooled",
-    "run_masking_check",
-    "still_improving",
-]

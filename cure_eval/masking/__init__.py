@@ -1,0 +1,103 @@
+"""Gradient-masking checks: is a model's robustness real, or do its gradients lie?
+
+A robustness number from gradient attacks (FGSM, PGD) is only as good as the gradients. A model
+can look robust because its gradients are useless — shattered (non-differentiable or zero),
+vanishing (saturated softmax) or stochastic (randomness at inference) — while adversarial
+examples exist in plenty (Athalye, Carlini and Wagner 2018, https://arxiv.org/abs/1802.00420;
+Carlini et al. 2019, https://arxiv.org/abs/1902.06705). This module runs the standard warning
+signs as small, separate checks, each returning one :class:`Finding`, and combines them in
+:func:`run_masking_check` into a :class:`MaskingReport` with a verdict.
+
+The central check is the CURE paper's (Moosavi-Dezfooli et al., CVPR 2019,
+https://arxiv.org/abs/1811.09716, §5 "Stronger attacks and verifying the absence of gradient
+masking", Fig. 7): per test point, the *adversarial loss* (true logit minus largest other logit at
+the returned point) of the gradient-free SPSA attack (Uesato et al. 2018,
+https://arxiv.org/abs/1802.05666) against that of PGD(100). If SPSA, which never looks at a
+gradient, does clearly better than PGD, the gradients are masked.
+
+=========================  ==================================================================
+check                      warning sign (source)
+=========================  ==================================================================
+``spsa_vs_pgd``            gradient-free SPSA beats PGD(100) per point (CURE Fig. 7; Uesato
+                           et al. 2018; Athalye et al. 2018 "black-box beats white-box")
+``fgsm_vs_pgd``            single-step FGSM fools points PGD(100) does not (Athalye et al. 2018;
+                           Carlini et al. 2019)
+``eps_monotone``           PGD robust accuracy rises with ε (Carlini et al. 2019)
+``unbounded``              PGD with ε = 1 (the whole input range) does not fool everything (ART;
+                           Carlini et al. 2019; Pintor et al. 2022 "unconstrained attack
+                           failure")
+``random_noise``           uniform noise in the ε-ball fools points PGD(100) does not (Athalye
+                           et al. 2018; Carlini et al. 2019)
+``gradients``              zero, NaN or infinite input gradients (ART; AutoAttack; Pintor et al.
+                           2022 "unavailable gradients")
+``randomised_forward``     the same input gives different logits (AutoAttack, Croce and Hein
+                           2020, https://arxiv.org/abs/2003.01690)
+``probability_outputs``    outputs are probabilities, not logits (AutoAttack)
+``pgd_convergence``        PGD(100) still far below PGD(40), or PGD's loss still rising at its
+                           last steps (Pintor et al. 2022, https://arxiv.org/abs/2106.09947,
+                           "incomplete optimisation")
+=========================  ==================================================================
+
+Statuses and the verdict. Each check compares one number (``value``) with one ``threshold``:
+``FAIL`` when the value is beyond the threshold (and, for per-point shares, at least
+:data:`MIN_POINTS` points are involved), ``WARN`` when there is some evidence below that — single
+stray points, of the size honest models also show —, ``PASS`` otherwise. The verdict is
+``"suspect"`` if any check FAILs and ``"pass"`` otherwise. WARNs are reported but do not count:
+a CURE-trained digits model without any masking had SPSA fool 3 of its 176 points PGD(100)
+missed and FGSM fool 1 (both WARN); counting those would make every honest model suspect.
+``docs/masking.md`` lists the measured values behind every threshold.
+
+Fractions are per point and over the *attacked* points (those classified correctly clean), the
+same denominator for every check, so that a FAIL reads "this share of the points we attacked".
+
+Layout: :mod:`~cure_eval.masking.checks` (thresholds, :class:`Finding`, one function per check),
+:mod:`~cure_eval.masking.report` (:class:`MaskingReport`: verdict, table, scatter, JSON) and
+:mod:`~cure_eval.masking.run` (:func:`run_masking_check`). The models that mask on purpose live in
+:mod:`cure_eval.testing` (re-exported here for old imports).
+"""
+
+from __future__ import annotations
+
+from ..testing import NoisyInput, QuantizedInput, SaturatedLogits
+from .checks import (
+    NEEDED_ATTACKS,
+    Finding,
+    PGDTrajectory,
+    check_eps_monotone,
+    check_fgsm_vs_pgd,
+    check_gradients,
+    check_pgd_convergence,
+    check_probability_outputs,
+    check_random_noise,
+    check_randomised_forward,
+    check_spsa_vs_pgd,
+    check_unbounded,
+    pgd_trajectory,
+    random_noise_fooled,
+    still_improving,
+)
+from .report import MaskingReport
+from .run import run_masking_check
+
+__all__ = [
+    "Finding",
+    "MaskingReport",
+    "NEEDED_ATTACKS",
+    "NoisyInput",
+    "PGDTrajectory",
+    "QuantizedInput",
+    "SaturatedLogits",
+    "check_eps_monotone",
+    "check_fgsm_vs_pgd",
+    "check_gradients",
+    "check_pgd_convergence",
+    "check_probability_outputs",
+    "check_random_noise",
+    "check_randomised_forward",
+    "check_spsa_vs_pgd",
+    "check_unbounded",
+    "pgd_trajectory",
+    "random_noise_fooled",
+    "run_masking_check",
+    "still_improving",
+]

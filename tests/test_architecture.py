@@ -1,0 +1,147 @@
+"""The package's import shape: no cycles, CLIs on top, low-level modules at the bottom.
+
+Reads every module of ``cure_eval`` and ``cure_eval_plugins`` (the ``plugins/`` folder) with
+:mod:`ast` (nothing is imported), follows every import, also those inside functions (a lazy import
+is still a dependency), except those under ``if TYPE_CHECKING:``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"cure_eval": ROOT / "cure_eval", "cure_eval_plugins": ROOT / "plugins"}
+#: The command-line modules: they parse arguments, call the library and print.
+CLI_MODULES = {"cure_eval.defend", "cure_eval.audit", "cure_eval.reproduce", "cure_eval.cli"}
+#: The lowest layer: they import nothing from the package but these.
+LOW_LEVEL = {"cure_eval.errors", "cure_eval.modes", "cure_eval.device", "cure_eval.io", "cure_eval.plugins"}
+#: Measurement layers below training: they never import the training loop or the method API.
+BELOW_TRAINING = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.evaluation")
+TRAINING = {"cure_eval.training", "cure_eval.methods", "cure_eval.pipelines.train"}
+
+
+def _modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for pkg, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([pkg, *parts])] = path
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    found: set[str] = set()
+
+    def resolve(mod: str) -> str | None:
+        while mod and mod not in known:  # ``pkg.module.attr`` -> ``pkg.module``
+            mod = mod.rpartition(".")[0]
+        return mod or None
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if (m := resolve(alias.name)) is not None:
+                    found.add(m)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - (node.level - 1)]
+                mod = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            for alias in node.names:  # ``from . import x`` may name a submodule
+                sub = f"{mod}.{alias.name}"
+                if sub in known:
+                    found.add(sub)
+                elif (m := resolve(mod)) is not None:
+                    found.add(m)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    found.discard(name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(u: str) -> list[str] | None:
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                return stack[stack.index(v):] + [v]
+            if v not in state and (c := dfs(v)) is not None:
+                return c
+        stack.pop()
+        state[u] = 2
+        return None
+
+    for u in sorted(graph):
+        if u not in state and (c := dfs(u)) is not None:
+            return c
+    return None
+
+
+def test_the_graph_sees_the_package(graph: dict[str, set[str]]) -> None:
+    assert "cure_eval.training" in graph and "cure_eval_plugins.methods.cure" in graph
+    assert "cure_eval.modes" in graph["cure_eval.evaluation"]
+
+
+def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_library_never_imports_a_cli_module(graph: dict[str, set[str]]) -> None:
+    bad = {f"{m} -> {d}" for m, deps in graph.items() if m not in CLI_MODULES for d in deps & CLI_MODULES}
+    assert not bad, f"library modules import CLI modules: {sorted(bad)}"
+
+
+def test_low_level_modules_import_only_low_level_ones(graph: dict[str, set[str]]) -> None:
+    bad = {f"{m} -> {d}" for m in LOW_LEVEL for d in graph[m] if d not in LOW_LEVEL}
+    assert not bad, sorted(bad)
+
+
+def test_measurements_sit_below_training(graph: dict[str, set[str]]) -> None:
+    bad = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(BELOW_TRAINING) for d in deps & TRAINING}
+    assert not bad, f"measurement modules import the training layer: {sorted(bad)}"
+
+
+def test_clis_do_not_import_each_other(graph: dict[str, set[str]]) -> None:
+    entry = CLI_MODULES - {"cure_eval.cli"}
+    bad = {f"{m} -> {d}" for m in entry for d in graph[m] & entry}
+    assert not bad, f"CLI modules import each other (move the shared code into cure_eval.pipelines): {sorted(bad)}"
+
+
+def test_clis_are_thin() -> None:
+    """A CLI parses, calls a pipeline and prints: no pipeline code creeps back in."""
+    for name in CLI_MODULES - {"cure_eval.cli"}:
+        path = _modules()[name]
+        lines = len(path.read_text().splitlines())
+        assert lines <= 220, f"{path.name} has {lines} lines: move library code into cure_eval.pipelines"
