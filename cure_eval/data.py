@@ -42,7 +42,9 @@ class DatasetSpec:
     std: tuple[float, ...]
     #: default ℓ∞ radius in 1/255 units (the CLI's ``--eps`` unit)
     default_eps: float
-    #: default CURE step ``h``: ℓ2 length of ``h·z`` in [0, 1] pixel space
+    #: default finite-difference step of the geometry measurements: ℓ2 length of ``h·z`` in [0, 1]
+    #: pixel space, the pixel-space length of CURE's default step (``cure.pixel_step``; CURE's own
+    #: ``h`` is in normalised-input units, see ``cure_eval_plugins.methods.cure``)
     default_h: float
     #: default PGD step size in 1/255 units (2/255 as in torchattacks and the paper's CIFAR
     #: setting; ε/8 on digits so that even PGD(7) can cross the 32/255 ball)
@@ -65,7 +67,7 @@ _SPECS: dict[str, DatasetSpec] = {
         default_eps=32.0, default_h=1.0, pgd_alpha=4.0, class_names=tuple(str(i) for i in range(10)),
     ),
     # Normalisation constants of the CURE reference code (docs/references.md §2). h = 0.6 is the
-    # reference code's h = 3 in normalised units expressed in [0, 1] pixel space.
+    # pixel-space length of the reference code's h = 3 in normalised units.
     "cifar10": DatasetSpec(
         name="cifar10", num_classes=10, in_chans=3, image_size=32,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010),

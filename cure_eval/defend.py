@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
     m.add_argument("--method", default="cure", help="training method (installed: %(choices_text)s; default: cure)")
     m.add_argument("--preset", default=None, help="a named preset of the method (cure: paper, reference)")
     m.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a method option, e.g. --method-arg gamma=4 --method-arg h=0.6 (repeatable)")
+                   help="override a method option, e.g. --method-arg gamma=4 --method-arg h=3 (repeatable; cure: h and γ in normalised-input units)")
     m.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start the method from this checkpoint instead of a freshly trained normal model")
     m.add_argument("--epochs", type=int, default=None, help="epochs of the method (default: the method's)")
