@@ -206,9 +206,9 @@ def select_points(num_available: int, n: int | None, seed: int) -> torch.Tensor:
     if n is None or n == num_available:
         return torch.arange(num_available)
     if n <= 0:
-        raise UsageError(f"--n must be positive, got {n}")
+        raise UsageError(f"the number of test points must be positive, got {n}")
     if n > num_available:
-        raise UsageError(f"--n {n} is larger than the test set ({num_available} points): use --n {num_available} or less")
+        raise UsageError(f"{n} test points asked for, but the test set has {num_available}: ask for {num_available} or fewer")
     gen = torch.Generator().manual_seed(seed)
     return torch.sort(torch.randperm(num_available, generator=gen)[:n]).values
 

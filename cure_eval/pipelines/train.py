@@ -259,7 +259,7 @@ def train_method(
     else:
         torch.manual_seed(seed + 1)
         model = create_model(mcfg).to(device)
-    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
+    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x), cls.name))
     res = train(model, method, x, y, model_config=mcfg, out_dir=out_dir, seed=seed, resume=resume,
                 probe=probe, progress=progress, checkpoint_extra={"eps": eps})
     return model, res
@@ -289,7 +289,7 @@ def standard_model(
         return model, (sum(secs) / len(secs)) if secs else float("nan")
     torch.manual_seed(seed)
     model = create_model(mcfg).to(device)
-    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x)))
+    method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x), cls.name))
     res = train(model, method, x, y, model_config=mcfg, out_dir=out, seed=seed, resume=resume,
                 probe=probe, progress=progress)
     if cached is not None and distributed.is_main():
@@ -310,9 +310,9 @@ def _fresh_copy(model: torch.nn.Module, mcfg: ModelConfig, device: torch.device)
     return copy
 
 
-def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device, cfg: Any, n: int) -> TrainContext:
+def _ctx(spec: DatasetSpec, eps: float, mcfg: ModelConfig, device: torch.device, cfg: Any, n: int, name: str) -> TrainContext:
     if cfg.batch_size > n:
-        raise UsageError(f"batch size {cfg.batch_size} is larger than the training set ({n}): lower --batch-size")
+        raise UsageError(f"{name}'s batch size {cfg.batch_size} is larger than the training set ({n} images): lower it")
     return TrainContext(spec=spec, eps=eps, model_name=mcfg.name, device=device, epochs=cfg.epochs,
                         steps_per_epoch=n // cfg.batch_size)
 
