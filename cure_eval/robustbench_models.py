@@ -13,6 +13,13 @@ we check what it would otherwise do on its own:
   ``torch.load`` without ``weights_only``, which is ``weights_only=True`` from torch 2.6 on; we
   refuse on an older torch and when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set, so no
   checkpoint code can run.
+* **Its AutoAttack import**: robustbench 1.1.1 declares ``pyautoattack>=0.2.0`` as its AutoAttack
+  but imports it as ``autoattack`` (``robustbench/eval.py``, imported by its ``__init__``), the
+  import name of the GitHub package, which is not on PyPI; ``pyautoattack`` is imported as
+  ``pyautoattack``. As published, ``import robustbench`` therefore fails with "No module named
+  'autoattack'". When no ``autoattack`` module exists we register ``pyautoattack`` (the same
+  code, the dependency robustbench itself declares) under that name in ``sys.modules`` before
+  importing robustbench (:func:`alias_autoattack`).
 * **The real package**: the torchattacks 3.5.1 wheel (a core dependency) ships its own, old,
   top-level ``robustbench`` package, at the same paths as the real one. Whichever of the two was
   installed last owns the shared files. We never import ``robustbench`` unless the
@@ -84,6 +91,26 @@ def robustbench_distribution(path: list[str] | None = None) -> Distribution:
     return dist
 
 
+def alias_autoattack() -> bool:
+    """Make ``import autoattack`` (robustbench 1.1.1's spelling) give ``pyautoattack`` when no
+    ``autoattack`` module is installed. Returns True when the alias was set."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if "autoattack" in sys.modules or importlib.util.find_spec("autoattack") is not None:
+        return False
+    pkg = importlib.import_module("pyautoattack")
+    sys.modules["autoattack"] = pkg
+    for sub in ("autoattack", "state", "checks", "autopgd_base", "fab_pt", "square", "other_utils"):
+        try:
+            sys.modules[f"autoattack.{sub}"] = importlib.import_module(f"pyautoattack.{sub}")
+        except ImportError:  # pragma: no cover - a module a later pyautoattack may drop
+            continue
+    log.debug("robustbench imports 'autoattack': aliased to pyautoattack %s", getattr(pkg, "__version__", "?"))
+    return True
+
+
 def _check_safe_torch_load() -> None:
     major, minor = (int(p) for p in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 6) or os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "") not in ("", "0"):
@@ -110,6 +137,7 @@ def load_robustbench_model(
     description of it. ``dataset`` and ``threat_model`` as RobustBench names them."""
     dist = robustbench_distribution()
     _check_safe_torch_load()
+    alias_autoattack()
     import timm
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel

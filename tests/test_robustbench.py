@@ -17,6 +17,7 @@ from cure_eval.audit import main
 from cure_eval.errors import CureEvalError, UsageError
 from cure_eval.robustbench_models import (
     REPAIR_HINT,
+    alias_autoattack,
     load_robustbench_model,
     robustbench_distribution,
 )
@@ -57,6 +58,25 @@ def test_replaced_files_are_detected(tmp_path: Path) -> None:
     assert REPAIR_HINT in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(CureEvalError, match=r"cure-eval\[robustbench\]"):
         robustbench_distribution(path=[str(tmp_path / "nothing")])
+
+
+def test_robustbench_finds_autoattack_under_its_old_name() -> None:
+    """robustbench 1.1.1 imports ``autoattack``; its declared dependency installs ``pyautoattack``."""
+    import importlib
+    import sys
+
+    import pyautoattack
+
+    had = "autoattack" in sys.modules
+    alias_autoattack()
+    try:
+        assert importlib.import_module("autoattack").AutoAttack is pyautoattack.AutoAttack
+        assert importlib.import_module("autoattack.state").EvaluationState is pyautoattack.state.EvaluationState
+        assert alias_autoattack() is False  # once is enough
+    finally:
+        if not had:
+            for name in [m for m in sys.modules if m == "autoattack" or m.startswith("autoattack.")]:
+                del sys.modules[name]
 
 
 @pytest.mark.skipif(STATE != "missing", reason="robustbench is installed")
