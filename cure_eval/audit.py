@@ -1,8 +1,9 @@
 """``python -m cure_eval.audit``: the attack suite on any model, with per-sample records.
 
 What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``defend``), or
-``--model`` as a timm name, one of our aliases, or ``module:factory`` / ``file.py:factory``
-(optionally with ``--weights FILE``). Outputs in ``--out``:
+``--model`` as a timm name, one of our aliases, ``robustbench:NAME`` (with ``--model-dir``), or
+``module:factory`` / ``file.py:factory`` (optionally with ``--weights FILE``). With neither, the
+latest finished ``defend`` run under ``runs/``: its normal and defended model side by side. Outputs in ``--out``:
 
     config.json       resolved configuration (written first)
     audit_state.json  per-sample progress, saved after every finished unit (resumption)
@@ -63,11 +64,14 @@ from .pipelines.audit import (
     audit_labels,
     audit_model,  # noqa: F401  (re-exported: the name's old home)
     audit_models,
+    defend_run_checkpoints,
     format_results_table,
+    latest_defend_run,
     load_audit_model,
 )
 
 log = logging.getLogger("cure_eval.audit")
+RUNS_DIR = "runs"  #: where defend writes its run folders and audits go by default
 
 
 def build_parser() -> ArgumentParser:
@@ -76,13 +80,15 @@ def build_parser() -> ArgumentParser:
         description="Attack a model with the full suite (FGSM, PGD(7/20/40/100), DeepFool, SPSA) and "
         "write per-sample records, a summary and a table.",
     )
-    m = p.add_argument_group("model (one of --checkpoint / --model)")
+    m = p.add_argument_group("model (one of --checkpoint / --model; neither: the latest defend run under runs/)")
     m.add_argument("--checkpoint", action="append", default=None,
                    help="checkpoint file or run folder written by defend; repeat to audit several "
                    "(each into its own subfolder of --out, curvature profiles on one figure)")
     m.add_argument("--model", default=None,
-                   help="timm name, alias (resnet18, wide_resnet) or module:factory / file.py:factory "
-                   "(runs that code: only use factories you trust)")
+                   help="timm name, alias (resnet18, wide_resnet), robustbench:NAME (the robustbench extra) or "
+                   "module:factory / file.py:factory (runs that code: only use factories you trust)")
+    m.add_argument("--model-dir", default=None, help="RobustBench models folder, its layout (default: ./models)")
+    m.add_argument("--threat-model", default="Linf", help="RobustBench threat model of robustbench:NAME (default: Linf)")
     m.add_argument("--weights", default=None, help="weights for --model (.safetensors, or a .pt state dict; never unpickled)")
     m.add_argument("--depth", type=int, default=None, help="Wide-ResNet depth for --model wide_resnet")
     m.add_argument("--widen", type=int, default=None, help="Wide-ResNet widen factor for --model wide_resnet")
@@ -90,7 +96,7 @@ def build_parser() -> ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None, help=f"{', '.join(list_datasets())} (default: the checkpoint's, else digits)")
     d.add_argument("--data-dir", default="data", help="folder with CIFAR-10/SVHN files (default: ./data)")
-    d.add_argument("--download", action="store_true", help="download CIFAR-10/SVHN if missing")
+    d.add_argument("--download", action="store_true", help="download CIFAR-10/SVHN (and a RobustBench model) if missing")
     d.add_argument("--n", "--n-points", type=int, default=None,
                    help="test points: a fixed seeded subset (default: all on digits, 1000 otherwise); "
                    "spell it --n-points under torchrun")
@@ -159,10 +165,17 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
     checkpoints: list[str | None] = list(args.checkpoint) if args.checkpoint else [None]
     if len(checkpoints) > 1 and args.model is not None:
         raise UsageError("give either --checkpoint (one or more) or --model, not both")
+    default_out: str | None = None
     if args.checkpoint is None and args.model is None:
-        raise UsageError("give exactly one of --checkpoint PATH or --model NAME")
+        if (run := latest_defend_run(RUNS_DIR)) is None:
+            raise UsageError(f"no model given and no finished defend run under {RUNS_DIR}/: run python -m "
+                             f"cure_eval.defend first, or pass --checkpoint PATH or --model NAME")
+        checkpoints, default_out = list(defend_run_checkpoints(run)), f"{RUNS_DIR}/audit_{run.name}"
+        log.info("no model given: auditing the latest defend run %s (%s side by side)", run,
+                 " and ".join(Path(c).parent.name for c in checkpoints if c))
     loaded = [load_audit_model(checkpoint=c, model=args.model, weights=args.weights, dataset=args.dataset,
-                               depth=args.depth, widen=args.widen, device=device) for c in checkpoints]
+                               depth=args.depth, widen=args.widen, device=device, model_dir=args.model_dir,
+                               threat_model=args.threat_model, download=args.download) for c in checkpoints]
     opts = AuditOptions(
         eps=None if args.eps is None else eps_from_255(args.eps),
         alpha=None if args.alpha is None else eps_from_255(args.alpha, "--alpha"),
@@ -174,7 +187,7 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
     if opts.eps == 0:
         raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")
     labels = audit_labels([desc for _, _, desc in loaded])
-    out = Path(args.out or f"runs/audit_{labels[0] if len(loaded) == 1 else 'compare'}")
+    out = Path(args.out or default_out or f"{RUNS_DIR}/audit_{labels[0] if len(loaded) == 1 else 'compare'}")
     results = audit_models(loaded, opts, out, device=device, progress=not args.no_progress and shard.is_main,
                            restart=args.restart, shard=shard)
     if not shard.is_main:

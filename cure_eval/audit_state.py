@@ -508,6 +508,9 @@ def _robust_after(plan: Sequence[tuple[str, list[str]]], records: Sequence[Mappi
         for a in names:
             cols = _columns(rec["attacks"][a])
             robust = cols["attacked"] & (cols["adv_pred"] == y)
+            best = cols["extra"].get("best_fooled")
+            if best is not None:  # AttackResult.worst_case_robust
+                robust &= ~(best == 1)
             robust_now = cascade_update(robust_now, robust, cols["attacked"])
     return robust_now
 
@@ -648,10 +651,10 @@ def _assemble(
             log.info("%s: robust accuracy %.4f (%d attacked, %.2fs)", a, res.robust_accuracy,
                      int(attacked.sum()), res.seconds)
             if cascade:
-                robust_now = cascade_update(robust_now, res.robust, attacked)
+                robust_now = cascade_update(robust_now, res.worst_case_robust, attacked)
     worst = correct.clone()
     for res in results.values():
-        worst &= res.robust
+        worst &= res.worst_case_robust
     if cascade:
         worst &= robust_now
     settings = {"batch_size": batch_size, "pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations,

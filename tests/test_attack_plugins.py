@@ -83,7 +83,7 @@ def test_builtins_are_entry_points() -> None:
 
 def test_unknown_attack_lists_the_valid_ones() -> None:
     with pytest.raises(UsageError, match="choose from clean, fgsm, pgd7"):
-        get_attack("autoattack")
+        get_attack("autoatack")
 
 
 def test_third_party_attack_end_to_end(tmp_path: Path, factory_argv: list[str], corner_installed: str,

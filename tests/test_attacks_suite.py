@@ -187,6 +187,11 @@ def test_worst_case_is_per_point(full):
     worst = full.clean_correct.clone()
     for res in full.attacks.values():
         worst &= res.robust
+    # ... and a PGD point fooled at an earlier iterate of its trajectory counts as broken
+    for res in full.attacks.values():
+        if "best_fooled" in res.extra:
+            assert bool((res.extra["best_fooled"][res.success] == 1).all())
+            worst &= ~(res.extra["best_fooled"] == 1)
     assert torch.equal(full.worst_case, worst)
     assert full.worst_case_accuracy == pytest.approx(float(worst.float().mean()))
     summary = full.summary()
@@ -213,7 +218,7 @@ def test_cascade_matches_full_worst_case(trained_digits_model, points, full):
         if name not in ("pgd20", "pgd40", "pgd100"):  # the PGD family is one stage
             assert torch.equal(res.attacked, still), name
         assert not (res.attacked & ~still).any(), name
-        still = still & (res.robust | ~res.attacked)
+        still = still & (res.worst_case_robust | ~res.attacked)
     assert torch.equal(still, casc.worst_case)
     attacked = [int(r.attacked.sum()) for r in casc.attacks.values()]
     assert attacked == sorted(attacked, reverse=True)
@@ -230,7 +235,7 @@ def test_rows_and_summary(full, points):
     n = len(x)
     assert len(rows) == n * (1 + len(full.attacks))
     keys = {"index", "label", "clean_pred", "attack", "adv_pred", "success", "adv_loss", "linf", "l2",
-            "robust", "attacked", "min_norm"}
+            "robust", "attacked", "min_norm", "broken_by", "best_fooled"}
     assert all(set(r) == keys for r in rows)
     assert [r["index"] for r in rows[:n]] == idx.tolist()
     by_attack: dict[str, list[dict]] = {}
@@ -243,13 +248,17 @@ def test_rows_and_summary(full, points):
         assert [r["adv_loss"] for r in rs] == pytest.approx(res.margin.tolist())
         assert all(r["success"] == (r["attacked"] and r["adv_pred"] != r["label"]) for r in rs)
     assert all(r["min_norm"] is None or r["min_norm"] >= 0 for r in by_attack["deepfool_linf"])
+    for r in by_attack["pgd100"]:  # fooled at the returned point, or at an earlier iterate
+        assert (r["best_fooled"] is None) == (not r["attacked"])
+        if r["success"]:
+            assert r["best_fooled"] is True
     json.dumps(rows)  # JSON-ready (no inf/nan objects)
 
     s = suite_summary(full)
     assert {"n", "eps", "seed", "clean_accuracy", "attacks", "worst_case_accuracy", "cascade",
             "versions"} <= set(s)
     assert s["n"] == n and s["eps"] == pytest.approx(EPS) and s["seed"] == SEED and s["cascade"] is False
-    assert set(s["versions"]) == {"torch", "torchattacks", "foolbox", "timm"}
+    assert set(s["versions"]) == {"torch", "torchattacks", "foolbox", "timm", "pyautoattack"}
     assert set(s["attacks"]) == set(ATTACKS)
     for entry in s["attacks"].values():
         assert 0.0 <= entry["robust_accuracy"] <= 1.0 and entry["seconds"] > 0

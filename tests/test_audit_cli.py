@@ -102,11 +102,13 @@ def test_cascade_reports_worst_case(tmp_path: Path, wrn_checkpoint: Path) -> Non
         (["--model", "{factory}:build", "--eps", "-1"], 2, "outside [0, 255]"),
         (["--model", "{factory}:build", "--dataset", "cifar10", "--data-dir", "/nonexistent"], 1, "--download"),
         (["--checkpoint", "/nonexistent"], 1, "does not exist"),
-        ([], 2, "exactly one of"),
+        ([], 2, "run python -m cure_eval.defend first, or pass --checkpoint PATH or --model NAME"),
+        (["--checkpoint", "/nonexistent", "--model", "{factory}:build"], 2, "exactly one of"),
     ],
 )
 def test_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str], factory_and_weights: tuple[Path, Path],
-                   extra: list[str], code: int, needle: str) -> None:
+                   monkeypatch: pytest.MonkeyPatch, extra: list[str], code: int, needle: str) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/ folder: no model means no defend run to take
     factory, _ = factory_and_weights
     argv = [a.format(factory=factory) for a in extra] + ["--out", str(tmp_path / "o"), "--no-progress"]
     assert main(argv) == code

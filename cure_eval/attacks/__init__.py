@@ -3,12 +3,14 @@
 Built-ins, one module each, registered through the entry-point group ``cure_eval.attacks``
 exactly as a third-party package would: ``fgsm`` (:mod:`.fgsm`), ``pgd7/20/40/100``
 (:mod:`.pgd`, one trajectory), ``deepfool_linf``/``deepfool_l2`` (:mod:`.deepfool`), ``spsa``
-(:mod:`.spsa`). The plugin contract is :class:`~cure_eval.attacks.base.Attack`; see
+(:mod:`.spsa`), ``autoattack``/``autoattack-rand`` (:mod:`.autoattack`, the original AutoAttack
+through the ``pyautoattack`` package). The plugin contract is :class:`~cure_eval.attacks.base.Attack`; see
 :mod:`cure_eval.attacks.suite` for the rules every reported number obeys.
 """
 
 from __future__ import annotations
 
+from .autoattack import AutoAttackRun, run_autoattack
 from .base import (
     Attack,
     AttackConfig,
@@ -35,6 +37,7 @@ from .suite import (
     EPS_TOL,
     EpsSweepResult,
     SuiteResult,
+    autoattack_comparison,
     cascade_update,
     check_adversarial,
     eps_sweep,
@@ -56,6 +59,7 @@ __all__ = [
     "AttackContext",
     "AttackOutput",
     "AttackResult",
+    "AutoAttackRun",
     "DEFAULT_PGD_STEPS",
     "EPS_TOL",
     "EpsSweepResult",
@@ -66,6 +70,7 @@ __all__ = [
     "SuiteResult",
     "adversarial_margin",
     "attack_order",
+    "autoattack_comparison",
     "cascade_update",
     "check_adversarial",
     "check_attack_names",
@@ -77,6 +82,7 @@ __all__ = [
     "register_attack",
     "require_input_gradients",
     "run_attack",
+    "run_autoattack",
     "run_suite",
     "spsa_attack",
     "spsa_gradient",

@@ -86,6 +86,13 @@ class AttackResult:
     def robust_accuracy(self) -> float:
         return float(self.robust.double().mean()) if len(self.robust) else float("nan")
 
+    @property
+    def worst_case_robust(self) -> torch.Tensor:
+        """``robust``, and not fooled at the run's best point either (``best_fooled`` extra: an
+        earlier PGD iterate the model misclassified). What the worst case counts."""
+        best = self.extra.get("best_fooled")
+        return self.robust if best is None else self.robust & ~(best == 1)
+
 
 # --------------------------------------------------------------------------------------------
 # The attack plugin contract.
@@ -151,13 +158,18 @@ class AttackOutput:
     ``x_adv``: ``(m, ...)`` adversarial points (CPU). ``extra``: per-point columns of length
     ``m`` named in :attr:`Attack.extras`. ``attacked``: which of the ``m`` points the attack
     speaks for (``None``: all; the PGD family in a cascade drops points an earlier step count
-    already fooled). ``seconds``: wall time.
+    already fooled). ``seconds``: wall time. ``x_best`` (optional, like ``x_adv``, for the
+    attacked points): a point of the same run at least as good for the attacker, e.g. the first
+    PGD iterate the model misclassified; the suite checks it like ``x_adv``, evaluates the model
+    there and counts it in the worst case only (extra column ``best_fooled``), never in the
+    attack's own accuracy.
     """
 
     x_adv: torch.Tensor
     seconds: float
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     attacked: torch.Tensor | None = None
+    x_best: torch.Tensor | None = None
 
 
 C = TypeVar("C", bound=AttackConfig)
@@ -181,7 +193,14 @@ class Attack(ABC, Generic[C]):
     extras: ClassVar[tuple[str, ...]] = ()
     #: draws from the global RNG (a sharded/resumed audit seeds it per chunk)
     chunk_seeded: ClassVar[bool] = False
+    #: a reference evaluation (AutoAttack) that the suite's own worst case is compared with
+    reference: ClassVar[bool] = False
     Config: ClassVar[type[AttackConfig]] = AttackConfig
+
+    @classmethod
+    def sub_attacks(cls) -> tuple[str, ...]:
+        """Names behind the codes of a ``broken_by`` extra column (index → name; empty: none)."""
+        return ()
 
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]

@@ -72,6 +72,15 @@ class MultiStepPGD(torchattacks.PGD):
     step count at which it stopped (0: never stopped) and :attr:`checkpoint_seconds` the wall
     time from the start of the call to each recorded step count.
 
+    Best iterate, at no extra cost: every step's forward pass already classifies the current
+    iterate. :attr:`first_fooled` holds per point the first iterate ``j`` (0: the random start)
+    that the model misclassified (targeted: classified as the target) in those forward passes,
+    -1 where none was, and :attr:`first_fooled_images` that iterate (the last iterate where
+    none was). Iterate ``j`` is seen by the forward of step ``j + 1``, so a ``k``-step run has
+    seen iterates ``0 … k − 1``; the returned iterate ``k`` is for the caller to evaluate.
+    torchattacks returns the last iterate only, so a point fooled on the way and pushed back
+    out counts as robust there; reading the argmax changes none of its operations.
+
     Inputs must be in [0, 1] and normalisation must live inside the model:
     :meth:`set_normalization_used` is not supported.
     """
@@ -101,8 +110,12 @@ class MultiStepPGD(torchattacks.PGD):
         # compares it with ``in``/``==``, which per-call tensors should not go through.
         self.stopped_at: torch.Tensor | None
         self.checkpoint_seconds: dict[int, float]
+        self.first_fooled: torch.Tensor | None
+        self.first_fooled_images: torch.Tensor | None
         object.__setattr__(self, "stopped_at", None)
         object.__setattr__(self, "checkpoint_seconds", {})
+        object.__setattr__(self, "first_fooled", None)
+        object.__setattr__(self, "first_fooled_images", None)
 
     def set_normalization_used(self, mean: Any, std: Any) -> None:
         raise UsageError(
@@ -134,13 +147,19 @@ class MultiStepPGD(torchattacks.PGD):
         seconds: dict[int, float] = {}
         object.__setattr__(self, "checkpoint_seconds", seconds)
         stopped_at = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        first = torch.full((len(images),), -1, dtype=torch.long, device=images.device)
+        first_x = adv_images.detach().clone()
+        object.__setattr__(self, "first_fooled", first)
+        object.__setattr__(self, "first_fooled_images", first_x)
         if not self.stop_on_success:
             for step in range(1, self.steps + 1):
-                adv_images = self._step(adv_images, images, labels, target_labels, loss)
+                prev = adv_images
+                adv_images, fooled = self._step(adv_images, images, labels, target_labels, loss)
+                _note_fooled(first, first_x, torch.arange(len(images), device=images.device), prev, fooled, step - 1)
                 if step in wanted:
                     record[step] = adv_images.detach()
                     seconds[step] = time.perf_counter() - start
-            object.__setattr__(self, "stopped_at", stopped_at.cpu())
+            self._finish(stopped_at, first, first_x, adv_images)
             return record
 
         # Cascade mode: advance only the points not yet fooled at a recorded step count.
@@ -149,7 +168,9 @@ class MultiStepPGD(torchattacks.PGD):
         cur = adv_images
         for step in range(1, self.steps + 1):
             if len(active):
-                cur = self._step(cur, images[active], labels[active], target_labels[active], loss)
+                prev = cur
+                cur, fooled = self._step(cur, images[active], labels[active], target_labels[active], loss)
+                _note_fooled(first, first_x, active, prev, fooled, step - 1)
             if step in wanted:
                 if len(active):
                     full[active] = cur
@@ -160,8 +181,16 @@ class MultiStepPGD(torchattacks.PGD):
                     active, cur = active[~done], cur[~done].detach()
                 record[step] = full.clone()
                 seconds[step] = time.perf_counter() - start
-        object.__setattr__(self, "stopped_at", stopped_at.cpu())
+        self._finish(stopped_at, first, first_x, full)
         return record
+
+    def _finish(self, stopped_at: torch.Tensor, first: torch.Tensor, first_x: torch.Tensor,
+                last: torch.Tensor) -> None:
+        never = first < 0
+        first_x[never] = last.detach()[never]
+        object.__setattr__(self, "stopped_at", stopped_at.cpu())
+        object.__setattr__(self, "first_fooled", first.cpu())
+        object.__setattr__(self, "first_fooled_images", first_x)
 
     def _step(
         self,
@@ -170,13 +199,25 @@ class MultiStepPGD(torchattacks.PGD):
         labels: torch.Tensor,
         target_labels: torch.Tensor,
         loss: nn.Module,
-    ) -> torch.Tensor:
-        """One torchattacks.PGD iteration, operation for operation."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One torchattacks.PGD iteration, operation for operation. Returns the next iterate and
+        whether the model misclassified the current one (read off the step's own forward)."""
         adv_images.requires_grad = True
         outputs = self.get_logits(adv_images)
         cost = -loss(outputs, target_labels) if self.targeted else loss(outputs, labels)
         grad = torch.autograd.grad(cost, adv_images, retain_graph=False, create_graph=False)[0]
-        return linf_step(adv_images, grad, images, eps=self.eps, alpha=self.alpha)
+        pred = outputs.detach().argmax(dim=1)
+        fooled = pred == target_labels if self.targeted else pred != labels
+        return linf_step(adv_images, grad, images, eps=self.eps, alpha=self.alpha), fooled
+
+
+def _note_fooled(first: torch.Tensor, first_x: torch.Tensor, rows: torch.Tensor, iterate: torch.Tensor,
+                 fooled: torch.Tensor, j: int) -> None:
+    """Record iterate ``j`` of the points ``rows`` the model misclassified, if it is their first."""
+    new = fooled & (first[rows] < 0)
+    if bool(new.any()):
+        first[rows[new]] = j
+        first_x[rows[new]] = iterate.detach()[new]
 
 
 def pgd_linf(
@@ -237,16 +278,31 @@ class PGDConfig(AttackConfig):
     alpha: float = 2 / 255
 
 
+@dataclass
+class PGDRun:
+    """What :func:`run_pgd_steps` returns: ``{k: x_adv}``, ``{k: seconds}``, per point the step
+    count it stopped at (cascade; 0: never), the first misclassified iterate (-1: none) and that
+    iterate's images (see :class:`MultiStepPGD`)."""
+
+    adv: dict[int, torch.Tensor]
+    seconds: dict[int, float]
+    stopped: torch.Tensor
+    first_fooled: torch.Tensor
+    first_fooled_images: torch.Tensor
+
+
 def run_pgd_steps(
     ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, steps: Sequence[int], *, alpha: float,
     stop_on_success: bool,
-) -> tuple[dict[int, torch.Tensor], dict[int, float], torch.Tensor]:
+) -> PGDRun:
     """One :class:`MultiStepPGD` trajectory per batch at ``ctx.eps`` from
-    ``torch.manual_seed(ctx.seed)``: ``({k: x_adv}, {k: seconds}, stopped_at)``."""
+    ``torch.manual_seed(ctx.seed)``."""
     counts = sorted(set(steps))
     adv: dict[int, list[torch.Tensor]] = {k: [] for k in counts}
     secs: dict[int, float] = dict.fromkeys(counts, 0.0)
     stopped: list[torch.Tensor] = []
+    first: list[torch.Tensor] = []
+    first_x: list[torch.Tensor] = []
     attack = MultiStepPGD(ctx.model, eps=ctx.eps, alpha=alpha, steps=counts, stop_on_success=stop_on_success)
     desc = "pgd" + "/".join(str(k) for k in counts)
     with seeded_rng(ctx.seed, ctx.device), ctx.bar(desc, len(x)) as bar:
@@ -255,24 +311,38 @@ def run_pgd_steps(
             for k in counts:
                 adv[k].append(rec[k].cpu())
                 secs[k] += attack.checkpoint_seconds[k]
-            assert attack.stopped_at is not None
+            assert attack.stopped_at is not None and attack.first_fooled is not None
+            assert attack.first_fooled_images is not None
             stopped.append(attack.stopped_at)
+            first.append(attack.first_fooled)
+            first_x.append(attack.first_fooled_images.cpu())
             bar.update(sl.stop - sl.start)
     if not stopped:
-        return ({k: x.clone() for k in counts}, secs, torch.zeros(0, dtype=torch.long))
-    return {k: torch.cat(v) for k, v in adv.items()}, secs, torch.cat(stopped)
+        none = torch.zeros(0, dtype=torch.long)
+        return PGDRun({k: x.clone() for k in counts}, secs, none, none, x.clone())
+    return PGDRun({k: torch.cat(v) for k, v in adv.items()}, secs, torch.cat(stopped), torch.cat(first),
+                  torch.cat(first_x))
 
 
 class PGD(Attack[PGDConfig]):
     """ℓ∞ PGD with ``steps`` iterations, random start, step ``config.alpha`` (Madry et al. 2018,
     https://arxiv.org/abs/1706.06083; torchattacks' operations, see :class:`MultiStepPGD`). All
     requested step counts come from one trajectory; in a cascade a point stops at the first
-    recorded step count that fools it."""
+    recorded step count that fools it. The attack's accuracy is torchattacks' (the last iterate);
+    the worst case also counts a point fooled at any earlier iterate (``x_best``, extra
+    ``best_fooled``)."""
 
     Config = PGDConfig
     family = "pgd"
     chunk_seeded = True
     steps: ClassVar[int]
+    #: filled by the suite from ``x_best`` (the first misclassified iterate): see AttackOutput
+    extras = ("best_fooled",)
+
+    def per_sample(self, extra: dict[str, torch.Tensor], idx: torch.Tensor, n: int,
+                   correct: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``best_fooled`` is measured by the suite at ``x_best``: NaN until then."""
+        return {"best_fooled": torch.full((n,), float("nan"))}
 
     def run(self, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> AttackOutput:
         return self.run_family(ctx, [self], x, y, ids, cascade=False)[self.name]
@@ -286,12 +356,20 @@ class PGD(Attack[PGDConfig]):
         alphas = {m.config.alpha for m in pgds}
         if len(pgds) != len(members) or len(alphas) != 1:
             raise UsageError("the PGD attacks of one run share one trajectory: give them one step size alpha")
-        recs, secs, stopped = run_pgd_steps(ctx, x, y, [m.steps for m in pgds], alpha=alphas.pop(),
-                                            stop_on_success=cascade)
+        run = run_pgd_steps(ctx, x, y, [m.steps for m in pgds], alpha=alphas.pop(), stop_on_success=cascade)
+        recs, secs, stopped = run.adv, run.seconds, run.stopped
         out: dict[str, AttackOutput] = {}
-        for m in pgds:
+        prev = 0
+        for m in sorted(pgds, key=lambda a: a.steps):
             still = (stopped == 0) | (stopped >= m.steps)  # not fooled at an earlier checkpoint
-            out[m.name] = AttackOutput(x_adv=recs[m.steps][still], seconds=secs[m.steps], attacked=still)
+            fooled = run.first_fooled >= 0
+            if cascade:  # nor, for the worst case, at an iterate an earlier member saw
+                still &= ~(fooled & (run.first_fooled < prev))
+            prev = m.steps
+            seen = fooled & (run.first_fooled < m.steps)  # iterates 0 … k-1
+            best = torch.where(seen.view(-1, *([1] * (x.dim() - 1))), run.first_fooled_images, recs[m.steps])
+            out[m.name] = AttackOutput(x_adv=recs[m.steps][still], seconds=secs[m.steps], attacked=still,
+                                       x_best=best[still])
         return out
 
 

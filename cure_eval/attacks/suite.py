@@ -14,6 +14,11 @@ Attacks and what they come from (all on [0, 1] images, ε in [0, 1] pixel units)
                    ``eps_l2``.
 ``spsa``           :class:`~cure_eval.attacks.spsa.LinfSPSAAttack` (Uesato et al. 2018,
                    https://arxiv.org/abs/1802.05666), gradient-free.
+``autoattack``     the original AutoAttack (Croce and Hein 2020, https://arxiv.org/abs/2003.01690),
+                   package ``pyautoattack``, ``standard`` version; ``autoattack-rand`` its
+                   ``rand`` version (:mod:`cure_eval.attacks.autoattack`). Not in the default
+                   selection (minutes per model); compared with the suite's own worst case in
+                   ``autoattack_comparison``.
 =================  ============================================================================
 
 Rules every number obeys:
@@ -181,8 +186,53 @@ def library_versions() -> dict[str, str]:
     """Versions of the libraries whose attacks the numbers come from."""
     import timm
 
+    from .autoattack import autoattack_version
+
     return {"torch": torch.__version__, "torchattacks": torchattacks.__version__,
-            "foolbox": foolbox.__version__, "timm": timm.__version__}
+            "foolbox": foolbox.__version__, "timm": timm.__version__, "pyautoattack": autoattack_version()}
+
+
+def _broken_by_name(subs: Sequence[str], code: float) -> str | None:
+    """The sub-attack name behind a ``broken_by`` code (``None`` for -1 / NaN)."""
+    if math.isnan(code) or code < 0 or int(code) >= len(subs):
+        return None
+    return subs[int(code)]
+
+
+def autoattack_comparison(result: SuiteResult) -> dict[str, Any]:
+    """Each reference attack (AutoAttack) next to the suite's own worst case, per point.
+
+    ``{name: {"robust_accuracy", "suite_worst_case_accuracy", "suite_attacks", "gap" (suite
+    worst case − reference, in accuracy), "only_reference" (dataset indices the reference broke
+    and no suite attack did), "only_suite" (the reverse), "agree" (points with the same verdict)}}``
+    for every reference attack run beside at least one other attack of the worst case; ``{}``
+    otherwise, and for a cascade (there the reference only sees what the cheaper attacks left).
+    """
+    if result.cascade:
+        return {}
+    refs = [a for a in result.attacks if get_attack(a).reference]
+    own = [a for a in result.worst_case_attacks if a not in refs]
+    if not refs or not own:
+        return {}
+    correct = result.clean_correct
+    suite_robust = correct.clone()
+    for a in own:
+        suite_robust &= result.attacks[a].worst_case_robust
+    out: dict[str, Any] = {}
+    for r in refs:
+        ref_robust = correct & result.attacks[r].robust
+        only_ref = suite_robust & ~ref_robust
+        only_suite = ref_robust & ~suite_robust
+        out[r] = {
+            "robust_accuracy": _fraction(ref_robust),
+            "suite_worst_case_accuracy": _fraction(suite_robust),
+            "suite_attacks": own,
+            "gap": _fraction(suite_robust) - _fraction(ref_robust),
+            "only_reference": result.indices[only_ref].tolist(),
+            "only_suite": result.indices[only_suite].tolist(),
+            "agree": int((suite_robust == ref_robust).sum()),
+        }
+    return out
 
 
 def suite_summary(result: SuiteResult) -> dict[str, Any]:
@@ -191,8 +241,11 @@ def suite_summary(result: SuiteResult) -> dict[str, Any]:
     Keys: ``n``, ``eps``, ``eps_l2``, ``seed``, ``clean_accuracy``, ``attacks`` (per attack
     ``robust_accuracy``, ``seconds``, ``attacked`` and, for DeepFool, ``median_min_norm``; in a
     cascade ``robust_accuracy`` is ``None`` and ``cumulative_robust_accuracy`` is given instead),
-    ``worst_case_accuracy``, ``worst_case_attacks``, ``cascade``, ``settings``, ``seconds`` and
-    ``versions`` (torch, torchattacks, foolbox, timm). ``median_min_norm`` is the median minimal
+    ``worst_case_accuracy``, ``worst_case_attacks``, ``cascade``, ``autoattack_comparison``
+    (:func:`autoattack_comparison`), ``settings``, ``seconds`` and ``versions`` (torch,
+    torchattacks, foolbox, timm, pyautoattack). AutoAttack entries also count ``broken_by`` per
+    sub-attack; PGD entries give ``any_iterate_robust_accuracy`` (robust at every iterate of the
+    run, what the worst case counts; not in a cascade). ``median_min_norm`` is the median minimal
     perturbation over the attacked points (``None`` if DeepFool failed on half of them or more).
     """
     attacks: dict[str, Any] = {}
@@ -203,12 +256,18 @@ def suite_summary(result: SuiteResult) -> dict[str, Any]:
             "attacked": int(res.attacked.sum()),
         }
         if result.cascade:
-            entry["cumulative_robust_accuracy"] = _fraction(res.robust)
+            entry["cumulative_robust_accuracy"] = _fraction(res.worst_case_robust)
         if "min_norm" in res.extra:
             # over the attacked points; inf (DeepFool found nothing) counts as large
             mn = res.extra["min_norm"][res.attacked]
             med = float(mn.median()) if len(mn) else math.nan
             entry["median_min_norm"] = med if math.isfinite(med) else None
+        if "best_fooled" in res.extra and not result.cascade:
+            entry["any_iterate_robust_accuracy"] = _fraction(res.worst_case_robust)
+        subs = get_attack(name).sub_attacks()
+        if "broken_by" in res.extra and subs:
+            codes = res.extra["broken_by"]
+            entry["broken_by"] = {s: int((codes == k).sum()) for k, s in enumerate(subs)}
         attacks[name] = entry
     return {
         "n": result.n,
@@ -220,6 +279,7 @@ def suite_summary(result: SuiteResult) -> dict[str, Any]:
         "worst_case_accuracy": result.worst_case_accuracy,
         "worst_case_attacks": list(result.worst_case_attacks),
         "cascade": result.cascade,
+        "autoattack_comparison": autoattack_comparison(result),
         "settings": dict(result.settings),
         "seconds": result.seconds,
         "versions": library_versions(),
@@ -233,7 +293,10 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
     ``adv_pred``, ``success`` (attacked and misclassified at the returned point), ``robust``,
     ``adv_loss`` (true logit minus largest other logit at the returned point, CURE Fig. 7),
     ``linf``, ``l2`` (perturbation norms) and ``min_norm`` (DeepFool's minimal perturbation, in
-    its own norm; ``None`` for other attacks and where DeepFool found nothing).
+    its own norm; ``None`` for other attacks and where DeepFool found nothing) and ``broken_by``
+    (AutoAttack: the sub-attack that broke the point, e.g. ``apgd-ce``; ``None`` elsewhere) and
+    ``best_fooled`` (PGD: fooled at the returned point or at an earlier iterate, what the worst
+    case counts; ``None`` elsewhere).
     """
     idx = result.indices.tolist()
     labels = result.labels.tolist()
@@ -244,18 +307,24 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
     for i in range(result.n):
         rows.append({"index": idx[i], "label": labels[i], "clean_pred": clean[i], "attack": "clean",
                      "attacked": False, "adv_pred": clean[i], "success": False, "robust": correct[i],
-                     "adv_loss": margin[i], "linf": 0.0, "l2": 0.0, "min_norm": None})
+                     "adv_loss": margin[i], "linf": 0.0, "l2": 0.0, "min_norm": None, "broken_by": None,
+                     "best_fooled": None})
     for name, res in result.attacks.items():
         cols = {k: getattr(res, k).tolist() for k in ("attacked", "adv_pred", "success", "robust",
                                                        "margin", "linf", "l2")}
         mn = res.extra["min_norm"].tolist() if "min_norm" in res.extra else None
+        subs = get_attack(name).sub_attacks()
+        by = res.extra["broken_by"].tolist() if "broken_by" in res.extra and subs else None
+        best = res.extra["best_fooled"].tolist() if "best_fooled" in res.extra else None
         for i in range(result.n):
             m = None if mn is None or not math.isfinite(mn[i]) else mn[i]
+            b = None if by is None else _broken_by_name(subs, by[i])
             rows.append({"index": idx[i], "label": labels[i], "clean_pred": clean[i], "attack": name,
                          "attacked": cols["attacked"][i], "adv_pred": cols["adv_pred"][i],
                          "success": cols["success"][i], "robust": cols["robust"][i],
                          "adv_loss": cols["margin"][i], "linf": cols["linf"][i], "l2": cols["l2"][i],
-                         "min_norm": m})
+                         "min_norm": m, "broken_by": b,
+                         "best_fooled": None if best is None or math.isnan(best[i]) else bool(best[i])})
     return rows
 
 
@@ -334,8 +403,11 @@ def _result(
     x_adv_attacked: torch.Tensor,
     seconds: float,
     extra: dict[str, torch.Tensor] | None = None,
+    x_best_attacked: torch.Tensor | None = None,
 ) -> AttackResult:
-    """Check the returned points and measure everything at them (model in eval mode)."""
+    """Check the returned points and measure everything at them (model in eval mode); the same
+    for the run's best points, if given (extra ``best_fooled``: 1 fooled at the returned or the
+    best point, 0 not, NaN not attacked)."""
     eps = ctx.radius(norm)
     idx = attacked.nonzero().flatten()
     x_adv = x.clone()
@@ -349,15 +421,35 @@ def _result(
         margin[idx] = adversarial_margin(logits, y[idx]).to(margin.dtype)
     success = attacked & (adv_pred != y)
     robust = attacked & (adv_pred == y)
+    extra = dict(extra or {})
+    if x_best_attacked is not None:
+        extra["best_fooled"] = _best_fooled(ctx, name, norm, x, y, idx, x_adv, x_best_attacked, success)
     linf, l2 = perturbation_norms(x, x_adv)
     res = AttackResult(
         name=name, eps=eps, x_adv=x_adv, adv_pred=adv_pred, success=success, robust=robust,
         margin=margin, linf=linf.float(), l2=l2.float(), attacked=attacked.clone(),
-        seconds=seconds, extra=dict(extra or {}),
+        seconds=seconds, extra=extra,
     )
     log.info("%s: robust accuracy %.4f (%d attacked, %.2fs)", name, res.robust_accuracy,
              len(idx), seconds)
     return res
+
+
+def _best_fooled(ctx: AttackContext, name: str, norm: Norm, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                 x_adv: torch.Tensor, x_best_attacked: torch.Tensor, success: torch.Tensor) -> torch.Tensor:
+    """1 where the returned point or the run's best point fools the model, 0 where neither does,
+    NaN where not attacked. The best points are checked against the ε-ball and [0, 1] and the
+    model is evaluated there (only where they differ from the returned point)."""
+    x_best = x_adv.clone()
+    x_best[idx] = x_best_attacked.detach().to(x_best.dtype).cpu()
+    check_adversarial(x, x_best, eps=ctx.radius(norm), norm=norm, name=f"{name} (best iterate)")
+    fooled = success.clone()
+    other = idx[(x_best[idx] != x_adv[idx]).flatten(1).any(dim=1)] if len(idx) else idx
+    if len(other):
+        fooled[other] |= ctx.logits(x_best[other]).argmax(dim=1) != y[other]
+    out = torch.full((len(x),), math.nan)
+    out[idx] = fooled[idx].float()
+    return out
 
 
 def _warn_short_pgd(steps: Sequence[int], eps: float, alpha: float) -> None:
@@ -525,10 +617,11 @@ def run_suite(
                     att = torch.zeros(n, dtype=torch.bool)
                     att[mine] = True
                     results[attack.name] = _result(ctx, attack.name, attack.norm, x, y, clean_pred, clean_margin,
-                                                   att, o.x_adv, o.seconds, attack.per_sample(o.extra, mine, n, correct))
+                                                   att, o.x_adv, o.seconds, attack.per_sample(o.extra, mine, n, correct),
+                                                   o.x_best)
                     if cascade:
                         res = results[attack.name]
-                        robust_now = cascade_update(robust_now, res.robust, res.attacked)
+                        robust_now = cascade_update(robust_now, res.worst_case_robust, res.attacked)
             in_worst = [a for a in results if instances[a].norm == "linf" or l2_in_worst]
             left_out = [a for a in results if a not in in_worst]
             if left_out:
@@ -536,7 +629,7 @@ def run_suite(
                             "left out of the ℓ∞ worst case", ", ".join(left_out), eps_l2_, eps)
             worst = correct.clone()
             for a in in_worst:
-                worst &= results[a].robust
+                worst &= results[a].worst_case_robust
             if cascade:
                 worst = robust_now & worst
     settings = {"batch_size": batch_size, "pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations,
@@ -621,9 +714,9 @@ def eps_sweep(
         for e in eps_list:
             ctx.eps = float(e)
             with torch.enable_grad():
-                recs, secs, _ = run_pgd_steps(ctx, x[idx], y[idx], [steps], alpha=alpha, stop_on_success=False)
-            res = _result(ctx, f"pgd{steps}", "linf", x, y, clean_pred, clean_margin, correct, recs[steps],
-                          secs[steps])
+                run = run_pgd_steps(ctx, x[idx], y[idx], [steps], alpha=alpha, stop_on_success=False)
+            res = _result(ctx, f"pgd{steps}", "linf", x, y, clean_pred, clean_margin, correct, run.adv[steps],
+                          run.seconds[steps])
             accs.append(_fraction(res.robust))
             robust.append(res.robust)
     order = sorted(range(len(eps_list)), key=lambda i: eps_list[i])

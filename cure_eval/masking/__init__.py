@@ -36,6 +36,9 @@ check                      warning sign (source)
 ``pgd_convergence``        PGD(100) still far below PGD(40), or PGD's loss still rising at its
                            last steps (Pintor et al. 2022, https://arxiv.org/abs/2106.09947,
                            "incomplete optimisation")
+``suite_vs_autoattack``    the original AutoAttack breaks points no attack of the suite breaks
+                           (Croce and Hein 2020): the suite's attacks are too weak for this
+                           model. Only when the audit ran ``--attacks ...,autoattack``
 =========================  ==================================================================
 
 Statuses and the verdict. Each check compares one number (``value``) with one ``threshold``:
@@ -71,6 +74,7 @@ from .checks import (
     check_random_noise,
     check_randomised_forward,
     check_spsa_vs_pgd,
+    check_suite_vs_autoattack,
     check_unbounded,
     pgd_trajectory,
     random_noise_fooled,
@@ -95,6 +99,7 @@ __all__ = [
     "check_random_noise",
     "check_randomised_forward",
     "check_spsa_vs_pgd",
+    "check_suite_vs_autoattack",
     "check_unbounded",
     "pgd_trajectory",
     "random_noise_fooled",

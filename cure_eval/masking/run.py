@@ -9,7 +9,7 @@ import time
 import torch
 from torch import nn
 
-from ..attacks import AttackResult, SuiteResult, eps_sweep, run_suite
+from ..attacks import AttackResult, SuiteResult, eps_sweep, get_attack, run_suite
 from ..attacks.base import require_input_gradients
 from ..data import select_points
 from ..errors import UsageError
@@ -31,6 +31,7 @@ from .checks import (
     check_random_noise,
     check_randomised_forward,
     check_spsa_vs_pgd,
+    check_suite_vs_autoattack,
     check_unbounded,
     pgd_trajectory,
     random_noise_fooled,
@@ -204,6 +205,8 @@ def run_masking_check(
         conv.details["restart_fooled"] = restart_fooled
         conv.details["restart_points"] = len(surv)
         findings.append(conv)
+        if suite is not None and reuse:
+            findings.extend(_autoattack_findings(suite, points, attacked))
 
     verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
     settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
@@ -219,6 +222,20 @@ def run_masking_check(
     log.info("masking check: %s (%s) in %.1fs", verdict,
              ", ".join(f"{f.name}={f.status}" for f in findings), report.seconds)
     return report
+
+
+def _autoattack_findings(suite: SuiteResult, points: torch.Tensor, attacked: torch.Tensor) -> list[Finding]:
+    """``suite_vs_autoattack`` for every reference attack (AutoAttack) in the suite, on the
+    checked points; none when the suite ran no AutoAttack or nothing beside it."""
+    refs = [a for a in suite.attacks if get_attack(a).reference]
+    own = [a for a in suite.worst_case_attacks if a not in refs]
+    if not refs or not own:
+        return []
+    suite_robust = suite.clean_correct[points].clone()
+    for a in own:
+        suite_robust &= suite.attacks[a].worst_case_robust[points]
+    return [check_suite_vs_autoattack(suite_robust=suite_robust, autoattack_robust=suite.attacks[r].robust[points],
+                                      attacked=attacked, attack=r) for r in refs]
 
 
 def _subset(res: AttackResult, points: torch.Tensor) -> AttackResult:

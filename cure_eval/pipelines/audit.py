@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import platform
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from ..audit_state import (
     not_applicable,
     run_resumable_suite,
 )
-from ..checkpoint import load_checkpoint, load_state, load_weights_file
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state, load_weights_file
 from ..data import DatasetSpec, check_images, get_dataset_spec, load_dataset, select_points
 from ..errors import CureEvalError, NotApplicable, UsageError
 from ..evaluation import predict
@@ -78,11 +79,27 @@ def attack_label(name: str) -> str:
 
 def load_audit_model(
     *, checkpoint: str | None, model: str | None, weights: str | None, dataset: str | None,
-    depth: int | None, widen: int | None, device: torch.device,
+    depth: int | None, widen: int | None, device: torch.device, model_dir: str | None = None,
+    threat_model: str = "Linf", download: bool = False,
 ) -> tuple[nn.Module, DatasetSpec, dict[str, Any]]:
-    """Build the model to audit and say where it came from. Returns (model, dataset spec, description)."""
+    """Build the model to audit and say where it came from. Returns (model, dataset spec, description).
+
+    ``model="robustbench:<name>"`` loads a RobustBench model through the ``robustbench`` package
+    from ``model_dir`` (``dataset`` default cifar10, ``threat_model`` Linf; nothing is downloaded
+    unless ``download``): see :mod:`cure_eval.robustbench_models`."""
     if (checkpoint is None) == (model is None):
         raise UsageError("give exactly one of --checkpoint PATH or --model NAME")
+    if model is not None and model.startswith("robustbench:"):
+        from ..robustbench_models import DEFAULT_MODEL_DIR, load_robustbench_model
+
+        if weights is not None:
+            raise UsageError("--weights does not go with a RobustBench model: its checkpoint comes from --model-dir")
+        spec = get_dataset_spec(dataset or "cifar10")
+        rb_net, rb_desc = load_robustbench_model(model.removeprefix("robustbench:"), model_dir=model_dir or DEFAULT_MODEL_DIR,
+                                                 dataset=spec.name, threat_model=threat_model, download=download)
+        return rb_net.to(device).eval(), spec, rb_desc
+    if model_dir is not None:
+        raise UsageError("--model-dir goes with --model robustbench:NAME")
     if checkpoint is not None:
         if weights is not None:
             raise UsageError("--weights goes with --model, not --checkpoint")
@@ -121,6 +138,28 @@ def load_audit_model(
     if weights:
         desc["weights"] = weights
     return net.to(device).eval(), spec, desc
+
+
+def latest_defend_run(root: str | Path = "runs") -> Path | None:
+    """The most recent finished ``defend`` run folder under ``root`` (newest ``results.json``
+    naming a method whose checkpoint and the normal model's both exist), or ``None``."""
+    runs = []
+    for res in Path(root).glob("*/results.json"):
+        try:
+            method = json.loads(res.read_text(encoding="utf-8")).get("method")
+        except (OSError, ValueError, AttributeError):
+            continue
+        run = res.parent
+        if isinstance(method, str) and all((run / m / CHECKPOINT_NAME).is_file() for m in ("standard", method)):
+            runs.append((res.stat().st_mtime, str(run), run))
+    return max(runs)[2] if runs else None
+
+
+def defend_run_checkpoints(run: Path) -> list[str]:
+    """The normal and the defended model of a ``defend`` run folder, in that order (as defend
+    reports them); only the normal one when the method is ``standard`` itself."""
+    method = json.loads((run / "results.json").read_text(encoding="utf-8"))["method"]
+    return [str(run / m / CHECKPOINT_NAME) for m in dict.fromkeys(("standard", method))]
 
 
 def check_model_outputs(model: nn.Module, x: torch.Tensor, spec: DatasetSpec, device: torch.device) -> None:
@@ -427,12 +466,39 @@ def format_results_table(summary: dict[str, Any]) -> str:
         med = r.get("median_min_norm")
         rows.append([label, f"{100 * acc:.1f}", f"{r['seconds']:.1f}", "" if med is None else f"{med:.3f}"])
     rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", ""])
-    return tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
+    table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
+    comparison = format_autoattack_comparison(summary)
+    return table + ("\n\n" + comparison if comparison else "")
+
+
+def format_autoattack_comparison(summary: dict[str, Any]) -> str:
+    """AutoAttack next to the suite's own worst case, with the points where they disagree ('' if
+    the summary has no such comparison)."""
+    comp = summary.get("autoattack_comparison") or {}
+    lines = []
+    for name, c in comp.items():
+        own = ", ".join(attack_label(a) for a in c["suite_attacks"])
+        lines.append(
+            f"{attack_label(name)} {100 * c['robust_accuracy']:.1f} % vs the suite's own worst case "
+            f"{100 * c['suite_worst_case_accuracy']:.1f} % ({own}): gap {100 * c['gap']:+.1f} points; "
+            f"{len(c['only_reference'])} points broken only by {attack_label(name)}"
+            f"{_points(c['only_reference'])}, {len(c['only_suite'])} only by the suite{_points(c['only_suite'])}")
+        broken = summary["attacks"].get(name, {}).get("broken_by")
+        if broken:
+            lines.append(f"{attack_label(name)} broke: " + ", ".join(f"{k} {v}" for k, v in broken.items()))
+    return "\n\n".join(lines)
+
+
+def _points(indices: list[int], most: int = 20) -> str:
+    if not indices:
+        return ""
+    shown = ", ".join(map(str, indices[:most]))
+    return f" (test indices {shown}{', …' if len(indices) > most else ''})"
 
 
 def _csv(suite: SuiteResult) -> str:
     cols = ["index", "label", "clean_pred", "attack", "attacked", "adv_pred", "success", "robust",
-            "adv_loss", "linf", "l2", "min_norm"]
+            "adv_loss", "linf", "l2", "min_norm", "broken_by", "best_fooled"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
