@@ -75,7 +75,7 @@ CONVERGENCE_DELTA = 0.05
 #: FAIL when AutoAttack breaks more than this fraction of the attacked points that no attack of
 #: the suite broke (the suite's worst case sits that far above AutoAttack's): the suite's own
 #: attacks are too weak for this model. Measured (200 digits points): small normal CNN 0 of 191,
-#: the default defend run's normal WRN-16-4 9 of 195 (4.6 %, APGD-CE beats fixed-step PGD there).
+#: the default defend run's WRN-16-4s 9 of 195 / 190 (4.6-4.7 %, APGD-CE beats fixed-step PGD).
 #: Provisional: docs/masking.md.
 AUTOATTACK_GAP_FAIL = 0.02
 
