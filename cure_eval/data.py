@@ -210,7 +210,7 @@ def select_points(num_available: int, n: int | None, seed: int) -> torch.Tensor:
     if n <= 0:
         raise UsageError(f"the number of test points must be positive, got {n}")
     if n > num_available:
-        raise UsageError(f"{n} test points asked for, but the test set has {num_available}: ask for {num_available} or fewer")
+        raise UsageError(f"{n} test points is larger than the test set ({num_available} points): ask for {num_available} or fewer")
     gen = torch.Generator().manual_seed(seed)
     return torch.sort(torch.randperm(num_available, generator=gen)[:n]).values
 
