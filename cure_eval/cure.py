@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -136,16 +136,17 @@ def input_std(model: nn.Module) -> torch.Tensor | None:
     return model.normalize.std.detach().flatten() if isinstance(model, NormalizedModel) else None
 
 
-def pixel_step(model: nn.Module, h: float) -> float:
-    """The ℓ2 length in [0, 1] pixel space of a CURE step of length ``h`` in normalised units.
+def rms_std(std: Sequence[float]) -> float:
+    """Root mean square of per-channel stds: the pixel-space ℓ2 length of a unit CURE step
+    ``std⊙z`` (every entry of ``z = sign(g)/||sign(g)||`` nonzero; exact for one channel)."""
+    return math.sqrt(sum(float(s) ** 2 for s in std) / len(std))
 
-    ``u + h z`` is ``x + h·std⊙z``; with every entry of ``z = sign(g)/||sign(g)||`` nonzero,
-    ``||std⊙z||₂`` is the root mean square of the per-channel std (exact for one channel).
-    """
+
+def pixel_step(model: nn.Module, h: float) -> float:
+    """The ℓ2 length in [0, 1] pixel space of a CURE step of length ``h`` in normalised units:
+    ``u + h z`` is ``x + h·std⊙z``, of length ``h·rms_std(std)``."""
     std = input_std(model)
-    if std is None:
-        return float(h)
-    return float(h) * math.sqrt(float(std.double().pow(2).mean()))
+    return float(h) if std is None else float(h) * rms_std(std.tolist())
 
 
 def input_gradient(

@@ -11,14 +11,13 @@ the reference code's ``h = 3, λ = 4`` (and γ = 4 / 8 the paper's, for ResNet-1
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from cure_eval.cure import BN_MODES, BNMode, cure_terms, pixel_step
+from cure_eval.cure import BN_MODES, BNMode, cure_terms, pixel_step, rms_std
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
 from cure_eval.geometry import curvature_summaries
@@ -72,7 +71,7 @@ DEFAULT_H = {"cifar10": 3.0, "svhn": 2.5, "digits": 2.66}
 def default_h(spec: DatasetSpec) -> float:
     if spec.name in DEFAULT_H:
         return DEFAULT_H[spec.name]
-    return spec.default_h / math.sqrt(sum(s * s for s in spec.std) / len(spec.std))
+    return spec.default_h / rms_std(spec.std)
 
 
 class CureMethod(Method[CureConfig]):
