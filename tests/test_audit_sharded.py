@@ -26,6 +26,7 @@ from .test_audit_resume import assert_same_audit, computed_units
 REPO = Path(__file__).resolve().parents[1]
 # 40 points in 5 chunks of 8: rank 0 attacks chunks 0, 2, 4, rank 1 chunks 1, 3. Under torchrun
 # --n and --h must be spelled --n-points and --fd-step (torchrun's parser takes --n and --h).
+# The default attacks (AutoAttack's units across ranks: tests/test_autoattack.py).
 ARGS = ["--n-points", "40", "--batch-size", "8", "--spsa-iterations", "20", "--seed", "2",
         "--eps-sweep", "0,16", "--no-progress"]
 
@@ -51,7 +52,8 @@ def test_two_processes_equal_one(tmp_path: Path, factory_argv: list[str], sharde
     assert {u.split("/")[1] for u in computed_units(log)} == {"0", "2", "4"}
     assert json.loads((sharded / "config.json").read_text())["world_size"] == 2
     state = json.loads((sharded / "audit_state.json").read_text())
-    assert state["complete"] and len(state["units"]) == 5 * 6  # clean, fgsm, pgd, 2 DeepFool, SPSA
+    # clean, fgsm, pgd, 2 APGD, 2 DeepFool, SPSA
+    assert state["complete"] and len(state["units"]) == 5 * 8
     assert not list(sharded.glob("audit_state.rank*.json")) and not list(sharded.glob(".*.tmp"))
     assert sorted(p.name for p in sharded.iterdir() if p.name != ".audit_state.lock") == [
         "audit_state.json", "config.json", "eps_sweep.json", "eps_sweep.png", "per_sample.csv",
@@ -62,7 +64,7 @@ def test_two_processes_equal_one(tmp_path: Path, factory_argv: list[str], sharde
     assert_same_audit(sharded, single)  # per_sample.csv byte for byte, results.json but seconds
     assert (sharded / "eps_sweep.json").read_text() == (single / "eps_sweep.json").read_text()
     res = json.loads((sharded / "results.json").read_text())
-    assert res["n"] == 40 and set(res["attacks"]) >= {"pgd100", "spsa", "deepfool_l2"}
+    assert res["n"] == 40 and set(res["attacks"]) >= {"pgd100", "spsa", "deepfool_l2", "apgd-dlr"}
 
 
 def test_a_sharded_state_resumes_in_one_process(tmp_path: Path, factory_argv: list[str], sharded: Path,
@@ -81,7 +83,7 @@ def test_a_sharded_state_resumes_in_one_process(tmp_path: Path, factory_argv: li
     assert main([*factory_argv, *ARGS, "--out", str(out)]) == 0
     log = capsys.readouterr().err
     assert computed_units(log) == {"spsa/0", "spsa/2", "spsa/3", "spsa/4"}
-    assert re.search(r"resuming from audit_state.json, audit_state.rank1.json: reusing 26 finished units", log)
+    assert re.search(r"resuming from audit_state.json, audit_state.rank1.json: reusing 36 finished units", log)
     assert not (out / "audit_state.rank1.json").exists()
     assert_same_audit(out, sharded)
 

@@ -90,7 +90,7 @@ log = logging.getLogger(__name__)
 #: The built-in attacks, in report order: the default selection of :func:`run_suite` and of
 #: ``audit --attacks``. Every installed attack (built-in or plugin) is in :func:`list_attacks`.
 ATTACKS: tuple[str, ...] = (
-    "fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "deepfool_linf", "deepfool_l2", "spsa",
+    "fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf", "deepfool_l2", "spsa",
 )
 #: The built-in names accepted by :func:`run_suite` (``clean`` adds nothing: clean accuracy is
 #: always there).
