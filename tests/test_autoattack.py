@@ -15,6 +15,7 @@ from cure_eval.attacks import get_attack, run_autoattack, run_suite
 from cure_eval.audit import main
 from cure_eval.data import load_dataset, select_points
 from cure_eval.masking import check_suite_vs_autoattack
+from cure_eval.testing import NoisyInput
 
 pyautoattack = pytest.importorskip("pyautoattack")  # a core dependency: CI has it
 
@@ -81,17 +82,25 @@ def test_attribution_follows_the_packages_order(trained_digits_model: torch.nn.M
     assert torch.equal((run.broken_by == 0), correct & (y_ce != y))
 
 
-def test_rand_version_runs_its_own_attacks(trained_digits_model: torch.nn.Module,
-                                           points: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+def test_rand_version_on_a_randomised_model(trained_digits_model: torch.nn.Module,
+                                            points: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """``autoattack-rand`` on a genuinely randomised model (fresh input noise at every forward):
+    the package's own points and verdicts, bit for bit, as one direct call from the same RNG
+    state; every point credited to a sub-attack is one that sub-attack returned."""
     x, y, _ = points
-    model = trained_digits_model.eval()
-    run = run_autoattack(model, x[:4], y[:4], eps=EPS, device="cpu", seed=1, version="rand")
+    x, y = x[:6], y[:6]
+    model = NoisyInput(trained_digits_model, sigma=0.1).eval()
+    run = run_autoattack(model, x, y, eps=EPS, device="cpu", seed=1, version="rand")
+    torch.manual_seed(1)  # run_autoattack runs the package inside seeded_rng(seed)
     aa = pyautoattack.AutoAttack(model, norm="Linf", eps=EPS, version="rand", seed=1, device="cpu")
-    x_adv, y_adv = aa.run_standard_evaluation(x[:4], y[:4], batch_size=250)
-    assert run.sub_attacks == ("apgd-ce", "apgd-dlr")
-    correct = model(x[:4]).argmax(1) == y[:4]
-    assert torch.equal(run.y_adv[correct], y_adv[correct]) and torch.equal(run.x_adv[correct], x_adv[correct])
-    assert get_attack("autoattack-rand").sub_attacks() == ("apgd-ce", "apgd-dlr")
+    x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=250)
+    assert run.sub_attacks == ("apgd-ce", "apgd-dlr") == get_attack("autoattack-rand").sub_attacks()
+    assert torch.equal(run.y_adv, y_adv) and torch.equal(run.x_adv, x_adv)
+    broken = run.y_adv != y
+    assert bool(broken.any()) and bool((~broken).any())
+    credited = run.broken_by >= 0
+    assert bool((credited <= broken).all())  # only broken points are credited
+    assert bool((run.x_adv[credited] != x[credited]).flatten(1).any(1).all())  # with a perturbed point
 
 
 def test_audit_cli_autoattack_beside_the_suite(tmp_path: Path, factory_argv: list[str],
@@ -147,3 +156,32 @@ def test_suite_vs_autoattack_finding() -> None:
     assert f.details["only_autoattack"] == 3 and f.details["only_suite"] == 1
     one = check_suite_vs_autoattack(suite_robust=suite, autoattack_robust=suite.clone(), attacked=att)
     assert one.status == "PASS" and one.value == 0.0
+
+
+def test_autoattack_units_from_two_ranks_merge(tmp_path: Path, factory_argv: list[str],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A sharded audit's AutoAttack units: chunk by chunk, seeded with --seed, so the units two
+    ranks left (one state file each, rank 1's AutoAttack unfinished) resume in one process to the
+    same audit, recomputing only the missing unit."""
+    import shutil
+
+    from .test_audit_resume import assert_same_audit, computed_units
+
+    # ε = 64/255: APGD-CE breaks every point, so the later sub-attacks have nothing to do (cheap)
+    args = ["--n", "8", "--batch-size", "4", "--seed", "3", "--eps", "64", "--attacks", "fgsm,autoattack",
+            "--no-progress"]
+    single = tmp_path / "single"
+    assert main([*factory_argv, *args, "--out", str(single)]) == 0
+    state = json.loads((single / "audit_state.json").read_text())
+    assert sorted(state["units"]) == ["autoattack/0", "autoattack/1", "clean/0", "clean/1", "fgsm/0", "fgsm/1"]
+    out = tmp_path / "ranks"
+    out.mkdir()
+    rank0 = {k: v for k, v in state["units"].items() if k.endswith("/0")}
+    rank1 = {k: v for k, v in state["units"].items() if k.endswith("/1") and k != "autoattack/1"}
+    for name, part in (("audit_state.json", rank0), ("audit_state.rank1.json", rank1)):
+        (out / name).write_text(json.dumps({**state, "units": part, "stages": {}, "complete": False}))
+    shutil.copy(single / "config.json", out / "config.json")
+    capsys.readouterr()
+    assert main([*factory_argv, *args, "--out", str(out)]) == 0
+    assert computed_units(capsys.readouterr().err) == {"autoattack/1"}
+    assert_same_audit(out, single)

@@ -31,12 +31,16 @@ paper's description of the standard version (APGD-CE without restarts, APGD-T an
 targets, Square with 5000 queries). The paper's first arXiv version used untargeted APGD-DLR and
 FAB instead: that is the package's ``plus``/``custom`` territory, not ``standard``.
 
-Which sub-attack broke a point (column ``broken_by``) is found by running the package's own
-sub-attacks, with the ``standard`` configuration the package set, in its order, each on the points
-still robust (``aa.attacks_to_run = [sub]`` and ``run_standard_evaluation``): the batches each
-sub-attack sees are exactly those of one ``run_standard_evaluation`` call on the same points, so
-the adversarial points equal it bit for bit (``tests/test_autoattack.py`` checks this against
-``AutoAttack(...).run_standard_evaluation`` called directly).
+Which sub-attack broke a point (column ``broken_by``) is read off one
+``run_standard_evaluation`` call on all the points: every ``perturb`` call of the package's
+sub-attack objects is recorded (its input batch and its output; the attacks run unchanged), and a
+point is credited to the sub-attack whose output the package returned for it. So the points and
+verdicts are the package's own, bit for bit, also on randomised models, where a run split into
+one call per sub-attack would redo the package's noisy clean check and differ
+(``tests/test_autoattack.py`` checks both against ``AutoAttack(...).run_standard_evaluation``
+called directly). pyautoattack 0.2.0's own resume (``state_path``) cannot serve here: restored
+from a state, ``run_standard_evaluation`` never defines ``y_adv`` and fails on the first point it
+breaks.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -135,36 +141,87 @@ def run_autoattack(
     dev = torch.device(device)
     x = x.detach().cpu()
     y = y.detach().cpu().long()
-    n = len(x)
-    x_adv = x.clone()
-    broken_by = torch.full((n,), -1, dtype=torch.long)
-    robust = torch.ones(n, dtype=torch.bool)
-    y_adv = y.clone()
-    seconds: dict[str, float] = {}
     with eval_mode(model), seeded_rng(seed, dev):
         aa = make_autoattack(model, eps=eps, version=version, seed=seed, device=dev, norm=norm)
         subs = tuple(aa.attacks_to_run)
-        try:
-            for k, sub in enumerate(subs):
-                cur = robust.nonzero().flatten()
-                if not len(cur):
-                    break
-                start = time.perf_counter()
-                aa.attacks_to_run = [sub]
-                xa, ya = aa.run_standard_evaluation(x[cur], y[cur], batch_size=batch_size)
-                seconds[sub] = timed(start)
-                xa, ya = xa.detach().cpu(), ya.detach().cpu()
-                fooled = ya != y[cur]
-                hit = cur[fooled]
-                x_adv[hit] = xa[fooled].to(x_adv.dtype)
-                y_adv[hit] = ya[fooled]
-                broken_by[hit] = k
-                robust[hit] = False
-                log.debug("autoattack %s: %s broke %d of %d points (%.1fs)", version, sub, len(hit), len(cur),
-                          seconds[sub])
-        finally:
-            aa.attacks_to_run = list(subs)
+        with _recording(aa) as calls:
+            x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    x_adv, y_adv = x_adv.detach().cpu().to(x.dtype), y_adv.detach().cpu()
+    broken_by = _attribute(x, y, x_adv, y_adv, calls, subs)
+    seconds: dict[str, float] = {}
+    for call in calls:
+        seconds[call.sub] = seconds.get(call.sub, 0.0) + call.seconds
+    for k, sub in enumerate(subs):
+        log.debug("autoattack %s: %s broke %d points (%.1fs)", version, sub, int((broken_by == k).sum()),
+                  seconds.get(sub, 0.0))
     return AutoAttackRun(x_adv=x_adv, y_adv=y_adv, broken_by=broken_by, sub_attacks=subs, seconds=seconds)
+
+
+@dataclass
+class _Call:
+    """One sub-attack call the package made: its name, its input batch, its output, its time."""
+
+    sub: str
+    x_in: torch.Tensor
+    x_out: torch.Tensor
+    seconds: float
+
+
+@contextmanager
+def _recording(aa: Any) -> Iterator[list[_Call]]:
+    """Record every ``perturb`` call of the package's sub-attack objects during one
+    ``run_standard_evaluation`` (instance attributes over the bound methods, removed afterwards:
+    the attacks themselves run unchanged). ``apgd`` serves APGD-CE and APGD-DLR: its ``loss`` at
+    call time names the sub-attack."""
+    calls: list[_Call] = []
+
+    def name_of(attr: str, obj: Any) -> str:
+        if attr == "apgd":
+            return f"apgd-{obj.loss}"
+        if attr == "fab":
+            return "fab-t" if obj.targeted else "fab"
+        return {"apgd_targeted": "apgd-t", "square": "square"}[attr]
+
+    def wrap(attr: str, obj: Any) -> Callable[..., torch.Tensor]:
+        inner = obj.perturb
+
+        def perturb(x: torch.Tensor, y: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            start = time.perf_counter()
+            out: torch.Tensor = inner(x, y, *args, **kwargs)
+            calls.append(_Call(name_of(attr, obj), x.detach().cpu(), out.detach().cpu(), timed(start)))
+            return out
+
+        return perturb
+
+    objs = {attr: getattr(aa, attr) for attr in ("apgd", "apgd_targeted", "fab", "square")}
+    for attr, obj in objs.items():
+        obj.perturb = wrap(attr, obj)
+    try:
+        yield calls
+    finally:
+        for obj in objs.values():
+            del obj.perturb  # the class's method again
+
+
+def _attribute(x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, y_adv: torch.Tensor, calls: list[_Call],
+               subs: tuple[str, ...]) -> torch.Tensor:
+    """Per point, the index in ``subs`` of the sub-attack whose output the package returned for it
+    (the point's clean image in that call's input batch and its returned point in the output),
+    -1 where the package kept the point robust or no sub-attack's output is the returned point
+    (a randomised model misclassifying the clean input in the package's clean check)."""
+    broken_by = torch.full((len(x),), -1, dtype=torch.long)
+    fooled = (y_adv != y).nonzero().flatten()
+    if not len(fooled):
+        return broken_by
+    flat_x, flat_adv = x.flatten(1), x_adv.flatten(1)
+    for call in calls:
+        k = subs.index(call.sub)
+        xin, xout = call.x_in.flatten(1).to(x.dtype), call.x_out.flatten(1).to(x.dtype)
+        for i in fooled[broken_by[fooled] == -1].tolist():
+            rows = (xin == flat_x[i]).all(1) & (xout == flat_adv[i]).all(1)
+            if bool(rows.any()):
+                broken_by[i] = k
+    return broken_by
 
 
 @dataclass
