@@ -138,6 +138,7 @@ def test_audit_features_cli(tmp_path: Path, factory_argv: list[str], capsys: pyt
     assert len(full["per_point"]["random"][LOGITS]) == f["n_points"]
     for name in ("features_sensitivity.png", "features_confidence.png"):
         assert (out / name).stat().st_size > 1000
+    assert "Feature sensitivity" in (out / "results.md").read_text() and "model.4" in capsys.readouterr().out
     # the small CNN (an nn.Sequential) has no nameable stage: not applicable, the rest kept
     bare = tmp_path / "bare"
     assert audit_main([*common, "--out", str(bare)]) == 0

@@ -566,7 +566,15 @@ def format_results_table(summary: dict[str, Any]) -> str:
     rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", ""])
     table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
     comparison = format_autoattack_comparison(summary)
-    return table + ("\n\n" + comparison if comparison else "")
+    table += "\n\n" + comparison if comparison else ""
+    feats = summary.get("features")
+    if isinstance(feats, dict) and "sensitivity" in feats:
+        from ..features import format_table as features_table
+
+        label = str(summary.get("model", {}).get("method") or summary.get("model", {}).get("model") or "model")
+        table += (f"\n\nFeature sensitivity ‖Δf_l‖₂/‖δ‖₂ on {feats['n_points']} points, ε = {feats['eps'] * 255:.4g}/255 "
+                  f"(random sign δ vs the suite's PGD(20) δ), and confidence:\n\n" + features_table({label: feats}))
+    return table
 
 
 def format_autoattack_comparison(summary: dict[str, Any]) -> str:
