@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,7 +456,9 @@ def _features_stage(r: _Run) -> dict[str, Any]:
     resolve_layers(r.model, r.opts.features_layers)  # no stage to measure: not applicable, before any attack
     require_input_gradients(r.model, r.x[:2].to(r.device))
     m = _features_n(r)
+    t0 = time.perf_counter()
     x_adv, source = suite_pgd20_points(r, m)
+    replay = time.perf_counter() - t0
     df = r.suite.attacks.get("deepfool_l2")
     min_norms, mn_source = None, None
     if df is not None and "min_norm" in df.extra:
@@ -467,7 +470,7 @@ def _features_stage(r: _Run) -> dict[str, Any]:
                            min_norms=min_norms, min_norm_source=mn_source, label=r.label, seed=r.opts.seed,
                            batch_size=r.opts.batch_size, progress=r.progress)
     log.info("\n%s\n", features_table({r.label: res}))
-    return {k: res[k] for k in FEATURES_KEYS}
+    return {**{k: res[k] for k in FEATURES_KEYS}, "seconds": {**res["seconds"], "pgd_replay": replay}}
 
 
 #: The optional sections, in the order they run.
