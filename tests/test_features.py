@@ -5,6 +5,7 @@ end-to-end CLI run (JSON keys, figures, not-applicable and bad-name paths)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from cure_eval.data import get_dataset_spec
 from cure_eval.errors import NotApplicable, UsageError
 from cure_eval.features import (
     LOGITS,
+    compute_features,
     confidence_summary,
     default_layers,
     jacobian_singular_values,
@@ -28,6 +30,7 @@ from cure_eval.features import (
     resolve_layers,
 )
 from cure_eval.models import NormalizedModel, create_model, model_config_for
+from cure_eval.pipelines.audit import write_features_comparison
 
 CPU = torch.device("cpu")
 SPEC = get_dataset_spec("digits")
@@ -155,3 +158,37 @@ def test_audit_features_cli(tmp_path: Path, factory_argv: list[str], capsys: pyt
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no module 'nope'" in err and "valid names" in err
     assert not (tmp_path / "bad" / "audit_state.json").exists()
+
+
+def test_a_tempered_model_is_less_sensitive_and_less_confident_side_by_side(
+    tmp_path: Path, trained_digits_model: nn.Module, digits_test: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Halving the last layer halves the logits: the random-δ logit sensitivity and every logit
+    margin halve exactly, the first layer is unchanged, the confidence drops; the comparison
+    across models draws one line per model and appends both tables to comparison.md."""
+    x, y = digits_test[0][:30], digits_test[1][:30]
+    cool = copy.deepcopy(trained_digits_model)
+    with torch.no_grad():
+        cool.model[-1].weight.mul_(0.5)
+        cool.model[-1].bias.mul_(0.5)
+    kw = {"device": CPU, "eps": 32 / 255, "pgd_alpha": 4 / 255, "layers": ["0", LOGITS], "n_points": 10,
+          "jacobian_points": 2, "progress": False}
+    ra = compute_features(trained_digits_model, x, y, label="normal", **kw)  # type: ignore[arg-type]
+    rb = compute_features(cool, x, y, label="tempered", **kw)  # type: ignore[arg-type]
+    assert ra["indices"] == rb["indices"] and ra["layers"] == ["model.0", LOGITS]
+    pa, pb = ra["per_point"]["random"], rb["per_point"]["random"]
+    assert pb[LOGITS] == pytest.approx([0.5 * v for v in pa[LOGITS]], rel=1e-5)
+    assert pb["model.0"] == pytest.approx(pa["model.0"], rel=1e-6)
+    sa, sb = ra["sensitivity"][LOGITS], rb["sensitivity"][LOGITS]
+    assert sb["jacobian_sigma"] == pytest.approx([0.5 * v for v in sa["jacobian_sigma"]], rel=1e-4)
+    ca, cb = ra["confidence"], rb["confidence"]
+    assert cb["logit_margin"]["median"] == pytest.approx(0.5 * ca["logit_margin"]["median"], rel=1e-5)
+    assert cb["top_probability"]["median"] < ca["top_probability"]["median"]
+    assert cb["share_below_margin"] >= ca["share_below_margin"]
+    (tmp_path / "comparison.md").write_text("| model | clean |\n")
+    write_features_comparison(tmp_path, {"normal": {"features": ra}, "tempered": {"features": rb},
+                                         "other": {"features": {"status": "not_applicable", "reason": "x"}}})
+    text = (tmp_path / "comparison.md").read_text()
+    assert text.startswith("| model | clean |") and "| tempered | logits" in text and "| normal   | model.0" in text
+    for name in ("features_sensitivity.png", "features_confidence.png"):
+        assert (tmp_path / name).stat().st_size > 1000

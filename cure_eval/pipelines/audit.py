@@ -431,16 +431,17 @@ def suite_pgd20_points(r: _Run, m: int) -> tuple[torch.Tensor, str]:
             res = run_attack("pgd20", r.model, x[sub], y[sub], eps=r.eps, device=r.device, batch_size=bs,
                              seed=pgd_chunk_seed(r.opts.seed, k), pgd_alpha=r.alpha, progress=r.progress)
             x_adv[sub] = res.x_adv
-    text = f"the suite's PGD(20) (ε {r.eps * 255:.4g}/255, step {r.alpha * 255:.4g}/255, seed per chunk), replayed"
+    settings = f"ε {r.eps * 255:.4g}/255, step {r.alpha * 255:.4g}/255, the suite's seed per chunk"
     rec = r.suite.attacks.get("pgd20")
-    if rec is not None and not r.suite.cascade:
-        done = correct.nonzero().flatten()
-        l2 = (x_adv[done] - x[done]).double().flatten(1).norm(dim=1)
-        same = float(((l2 - rec.l2[done].double()).abs() <= 1e-6).double().mean()) if len(done) else 1.0
-        log.info("features: replayed PGD(20) points match the suite's ℓ2 records on %.1f %% of %d points",
-                 100 * same, len(done))
-        text += f"; ℓ2 equal to the suite's record on {100 * same:.1f} % of the points"
-    return x_adv, text
+    if rec is None or r.suite.cascade:
+        why = "the suite ran no pgd20" if rec is None else "the suite's cascade attacked fewer points"
+        return x_adv, f"PGD(20) with the audit's settings ({settings}); {why}"
+    done = correct.nonzero().flatten()
+    l2 = (x_adv[done] - x[done]).double().flatten(1).norm(dim=1)
+    same = float(((l2 - rec.l2[done].double()).abs() <= 1e-6).double().mean()) if len(done) else 1.0
+    log.info("features: replayed PGD(20) points match the suite's ℓ2 records on %.1f %% of %d points",
+             100 * same, len(done))
+    return x_adv, f"the suite's PGD(20) ({settings}), replayed; ℓ2 equal to the suite's record on {100 * same:.1f} % of the points"
 
 
 #: What of ``features.json`` the audit summary keeps (``per_point`` stays in the file).
