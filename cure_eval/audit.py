@@ -17,12 +17,12 @@ defended model side by side. Outputs in ``--out``:
 
 Resuming: the points are cut into chunks of ``--batch-size`` points and the suite runs unit by unit (one attack, the
 PGD family counting as one, on one chunk); every finished unit's per-point results go into ``audit_state.json`` at
-once (atomically), and so do the ε sweep, the masking check and the geometry when they finish. After a crash or ``kill
--9``, the same command resumes: it logs what it reuses and recomputes nothing that finished. The state carries a
-fingerprint of everything the numbers depend on (the model's weights hash and identity, dataset, points and their data
-hash, ε, attacks, cascade, seed, PGD step, SPSA iterations, batch size, device type, library versions); a state made
-with other settings is refused (exit 1: use a new ``--out`` or ``--restart``, which discards it). A rerun of a
-finished audit rewrites its outputs from the state.
+once (atomically), and so do the optional sections (ε sweep, masking check, geometry, features) when they finish.
+After a crash or ``kill -9``, the same command resumes: it logs what it reuses and recomputes nothing that finished.
+The state carries a fingerprint of everything the numbers depend on (the model's weights hash and identity, dataset,
+points and their data hash, ε, attacks, cascade, seed, PGD step, SPSA iterations, batch size, device type, library
+versions); a state made with other settings is refused (exit 1: use a new ``--out`` or ``--restart``, which discards
+it). A rerun of a finished audit rewrites its outputs from the state.
 
 Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank ``k mod N`` (gloo process
 group; with CUDA each rank takes GPU ``LOCAL_RANK``). Rank 0 gathers and merges the per-sample records, runs the

@@ -1,5 +1,5 @@
 """The audit pipeline: the attack suite on a model, resumable and sharded, plus the optional
-sections (ε sweep, gradient-masking check, geometry), written to an output folder.
+sections (ε sweep, gradient-masking check, geometry, feature sensitivity), written to an output folder.
 
 Units: every ε and step is in [0, 1] pixel units. :func:`audit_model` audits one model into one
 folder; :func:`audit_models` several (each in its own subfolder, with ``comparison.md``).
