@@ -16,7 +16,7 @@ Names are those of ``model.named_modules()`` of the audited model (``model.layer
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -109,7 +109,7 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch
     store: dict[str, torch.Tensor] = {}
     handles = []
 
-    def hook_for(name: str):  # type: ignore[no-untyped-def]
+    def hook_for(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             store[name] = _first_tensor(output).flatten(1)
         return hook

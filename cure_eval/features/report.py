@@ -17,7 +17,7 @@ from torch import nn
 
 from ..attacks import run_attack
 from ..attacks.base import require_input_gradients
-from ..errors import UsageError
+from ..errors import NotApplicable, UsageError
 from ..io import to_jsonable, write_text_atomic
 from ..modes import check_device, eval_mode
 from .confidence import MARGIN_THRESHOLD, confidence_summary, distribution
@@ -120,7 +120,8 @@ def compute_features(
     moved = adv_delta.flatten(1).norm(dim=1) > 0
     keep = (correct & moved).nonzero().flatten()
     if len(keep) == 0:
-        raise UsageError(f"none of the first {m} points is classified correctly and attacked: no adversarial δ to measure")
+        raise NotApplicable(f"none of the first {m} points is classified correctly and moved by the attack: "
+                            "no adversarial δ to measure")
     xk = xs[keep]
     deltas = {"random": random_sign_delta(xk, eps=eps, seed=seed), "adversarial": adv_delta[keep]}
     log.info("feature sensitivity of %s: %d layers on %d points (of the first %d), ε = %.4g", label, len(names),
