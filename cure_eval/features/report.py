@@ -95,6 +95,11 @@ def compute_features(
         ``random`` / ``adversarial`` / ``anisotropy`` distributions, ``anisotropy_of_medians``,
         ``jacobian_sigma`` mean over points, ``jacobian_sigma_per_point``), ``delta_l2``,
         ``per_point`` (the ratios), ``confidence``, ``min_perturbation``, ``seconds``, ``config``.
+
+    Raises:
+        NotApplicable: no stage found and no ``layers`` named, no input gradients, or no point
+            among the candidates that is classified correctly and moved by the adversarial ``δ``.
+        UsageError: an unknown layer name (the message lists the valid ones), bad arguments.
     """
     if not 0 < eps <= 1:
         raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
