@@ -104,7 +104,8 @@ def _first_tensor(value: object) -> torch.Tensor:
 def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Forward hooks on ``layers`` (not :data:`LOGITS`): inside the ``with``, every forward pass
     of ``model`` fills the yielded dict with each layer's output, flattened per sample
-    ``(N, features)``. The hooks are removed on exit."""
+    ``(N, features)``; a module called several times in one pass keeps its last output. The
+    hooks are removed on exit."""
     modules = dict(model.named_modules())
     store: dict[str, torch.Tensor] = {}
     handles = []
