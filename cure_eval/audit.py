@@ -1,9 +1,9 @@
 """``python -m cure_eval.audit``: the attack suite on any model, with per-sample records.
 
-What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``defend``), or
-``--model`` as a timm name, one of our aliases, ``robustbench:NAME`` (with ``--model-dir``), or
-``module:factory`` / ``file.py:factory`` (optionally with ``--weights FILE``). With neither, the
-latest finished ``defend`` run under ``runs/``: its normal and defended model side by side. Outputs in ``--out``:
+What can be audited: ``--checkpoint`` (a checkpoint or run folder written by ``defend``), or ``--model`` as a timm
+name, one of our aliases, ``robustbench:NAME`` (with ``--model-dir``), or ``module:factory`` / ``file.py:factory``
+(optionally with ``--weights FILE``). With neither, the latest finished ``defend`` run under ``runs/``: its normal and
+defended model side by side. Outputs in ``--out``:
 
     config.json       resolved configuration (written first)
     audit_state.json  per-sample progress, saved after every finished unit (resumption)
@@ -13,29 +13,27 @@ latest finished ``defend`` run under ``runs/``: its normal and defended model si
     eps_sweep.json / eps_sweep.png            with --eps-sweep
     masking_scatter.png, masking section      with --masking-check
     geometry.json, geometry PNGs, section     with --geometry
+    features.json, features_*.png, section    with --features (per-layer sensitivity, confidence)
 
-Resuming: the points are cut into chunks of ``--batch-size`` points and the suite runs unit by
-unit (one attack, the PGD family counting as one, on one chunk); every finished unit's per-point
-results go into ``audit_state.json`` at once (atomically), and so do the ε sweep, the masking
-check and the geometry when they finish. After a crash or ``kill -9``, the same command resumes:
-it logs what it reuses and recomputes nothing that finished. The state carries a fingerprint of
-everything the numbers depend on (the model's weights hash and identity, dataset, points and
-their data hash, ε, attacks, cascade, seed, PGD step, SPSA iterations, batch size, device type,
-library versions); a state made with other settings is refused (exit 1: use a new ``--out`` or
-``--restart``, which discards it). A rerun of a finished audit rewrites its outputs from the state.
+Resuming: the points are cut into chunks of ``--batch-size`` points and the suite runs unit by unit (one attack, the
+PGD family counting as one, on one chunk); every finished unit's per-point results go into ``audit_state.json`` at
+once (atomically), and so do the optional sections (ε sweep, masking check, geometry, features) when they finish.
+After a crash or ``kill -9``, the same command resumes: it logs what it reuses and recomputes nothing that finished.
+The state carries a fingerprint of everything the numbers depend on (the model's weights hash and identity, dataset,
+points and their data hash, ε, attacks, cascade, seed, PGD step, SPSA iterations, batch size, device type, library
+versions); a state made with other settings is refused (exit 1: use a new ``--out`` or ``--restart``, which discards
+it). A rerun of a finished audit rewrites its outputs from the state.
 
-Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank
-``k mod N`` (gloo process group; with CUDA each rank takes GPU ``LOCAL_RANK``). Rank 0 gathers and
-merges the per-sample records, runs the ε sweep, masking check and geometry, and alone writes the
-outputs. A unit's result depends only on the settings and its chunk: FGSM and DeepFool are
-deterministic, SPSA seeds each point from ``(seed, dataset index)``, and PGD's random start of
-chunk ``k`` is drawn like ``torchattacks.PGD`` after ``torch.manual_seed(seed + 1000003·k)``
-(chunk 0: ``seed``, so up to ``--batch-size`` points the audit equals ``torchattacks.PGD`` after
-``torch.manual_seed(seed)`` exactly). Sharded, resumed and uninterrupted single-process audits
-of the same command therefore give the same ``per_sample.csv`` and ``results.json`` (timings
-aside). Reported seconds are summed over units (over ranks, and over resumed runs). Under
-torchrun spell ``--n`` and ``--h`` as ``--n-points`` and ``--fd-step``: torchrun's own parser reads
-``--n`` and ``--h`` as abbreviations of its options. Details: :mod:`cure_eval.audit_state`.
+Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank ``k mod N`` (gloo process
+group; with CUDA each rank takes GPU ``LOCAL_RANK``). Rank 0 gathers and merges the per-sample records, runs the
+optional sections and alone writes the outputs. A unit's result depends only on the settings and its chunk: FGSM and
+DeepFool are deterministic, SPSA seeds each point from ``(seed, dataset index)``, and PGD's random start of chunk
+``k`` is drawn like ``torchattacks.PGD`` after ``torch.manual_seed(seed + 1000003·k)`` (chunk 0: ``seed``, so up to
+``--batch-size`` points the audit equals ``torchattacks.PGD`` after ``torch.manual_seed(seed)`` exactly). Sharded,
+resumed and single-process audits give the same ``per_sample.csv`` and ``results.json`` (timings aside). Seconds are
+summed over units (over ranks and resumed runs). Under torchrun spell ``--n`` and ``--h`` as ``--n-points`` and
+``--fd-step``: torchrun's own parser reads ``--n`` and ``--h`` as abbreviations of its options. Details:
+:mod:`cure_eval.audit_state`.
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from .audit_state import STATE_FILE, Shard, close_shard, shard_from_env
 from .cli import (
     ArgumentParser,
     add_common_arguments,
+    comma_list,
     eps_from_255,
     run_cli,
     set_threads,
@@ -124,6 +123,9 @@ def build_parser() -> ArgumentParser:
                    help="finite-difference step for curvature: ℓ2 length in [0, 1] pixel space (default: dataset's CURE h); "
                    "spell it --fd-step under torchrun")
     k.add_argument("--top-k", type=int, default=10, help="eigenvalues at each end of the spectrum (default: 10)")
+    k.add_argument("--features", action="store_true", help="per-layer feature sensitivity and confidence (Jia et al. 2020)")
+    k.add_argument("--features-n", type=int, default=100, help="first audited points for --features (default: 100)")
+    k.add_argument("--features-layers", default=None, metavar="A,B", help="modules for --features (default: the stages)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="output folder (default: runs/audit_<model>); an unfinished "
@@ -142,13 +144,13 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)
     set_threads(args.threads)
-    for flag in ("n", "masking_n", "geometry_n", "batch_size", "depth", "widen", "top_k", "h"):
+    for flag in ("n", "masking_n", "geometry_n", "features_n", "batch_size", "depth", "widen", "top_k", "h"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
     if args.spsa_iterations < 0:
         raise UsageError("--spsa-iterations must be >= 0")
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    attacks = comma_list(args.attacks)
     check_attack_names(attacks or ["(none)"])  # unknown names list the registered ones
     sweep = _parse_sweep(args.eps_sweep)
     shard = shard_from_env()
@@ -171,8 +173,7 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
             raise UsageError(f"no model given and no finished defend run under {RUNS_DIR}/: run python -m "
                              f"cure_eval.defend first, or pass --checkpoint PATH or --model NAME")
         checkpoints, default_out = list(defend_run_checkpoints(run)), f"{RUNS_DIR}/audit_{run.name}"
-        log.info("no model given: auditing the latest defend run %s (%s side by side)", run,
-                 " and ".join(Path(c).parent.name for c in checkpoints if c))
+        log.info("no model given: auditing the latest defend run %s (%s side by side)", run, " and ".join(Path(c).parent.name for c in checkpoints if c))
     loaded = [load_audit_model(checkpoint=c, model=args.model, weights=args.weights, dataset=args.dataset,
                                depth=args.depth, widen=args.widen, device=device, model_dir=args.model_dir,
                                threat_model=args.threat_model, download=args.download) for c in checkpoints]
@@ -181,7 +182,8 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
         alpha=None if args.alpha is None else eps_from_255(args.alpha, "--alpha"),
         n=args.n, attacks=attacks, spsa_iterations=args.spsa_iterations, cascade=args.cascade,
         eps_sweep=[v / 255 for v in sweep], masking_check=args.masking_check, masking_n=args.masking_n,
-        geometry=args.geometry, geometry_n=args.geometry_n, h=args.h, top_k=args.top_k,
+        geometry=args.geometry, geometry_n=args.geometry_n, h=args.h, top_k=args.top_k, features=args.features,
+        features_n=args.features_n, features_layers=comma_list(args.features_layers) or None,
         batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, download=args.download,
     )
     if opts.eps == 0:
@@ -211,9 +213,7 @@ def _parse_sweep(text: str | None) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"--eps-sweep {text!r} must be a comma list of numbers in 1/255 units") from None
-    for v in values:
-        eps_from_255(v, "--eps-sweep")
-    return values
+    return [v for v in values if eps_from_255(v, "--eps-sweep") >= 0]  # eps_from_255 refuses v outside [0, 255]
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ State file (compact JSON, written atomically after every unit)::
      "units": {"clean/0": {"points", "clean_pred", "clean_margin", "seconds"},
                "fgsm/0": {"points", "seconds", "attacks": {"fgsm": {"attacked", "adv_pred",
                           "margin", "linf", "l2", "extra", "seconds"}}}, ...},
-     "stages": {"eps_sweep" | "masking" | "geometry": {"settings", "result"}},
+     "stages": {"eps_sweep" | "masking" | "geometry" | "features": {"settings", "result"}},
      "complete": false}
 
 Tensors are stored as ``{"dtype", "data"}`` and read back bit-exactly (inf/NaN as JSON's

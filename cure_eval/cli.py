@@ -67,6 +67,11 @@ def eps_from_255(value: float, flag: str = "--eps") -> float:
     return value / 255.0
 
 
+def comma_list(text: str | None) -> list[str]:
+    """The non-empty, stripped items of a comma list (``[]`` for ``None`` or blank)."""
+    return [v.strip() for v in (text or "").split(",") if v.strip()]
+
+
 def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     """Run ``body(argv)``; turn known errors into one line on stderr and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

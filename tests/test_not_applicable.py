@@ -33,6 +33,7 @@ def _audit(model: nn.Module, out: Path, **opts: object) -> dict:
     ("eps_sweep", {"eps_sweep": [0.0, 8 / 255, 32 / 255]}),
     ("masking", {"masking_check": True}),
     ("geometry", {"geometry": True, "geometry_n": 2}),
+    ("features", {"features": True, "features_n": 5, "features_layers": ["logits"]}),
 ])
 def test_section_without_input_gradients_is_not_applicable(
     tmp_path: Path, trained_digits_model: nn.Module, section: str, options: dict[str, object],

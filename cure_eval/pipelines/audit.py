@@ -1,5 +1,5 @@
 """The audit pipeline: the attack suite on a model, resumable and sharded, plus the optional
-sections (ε sweep, gradient-masking check, geometry), written to an output folder.
+sections (ε sweep, gradient-masking check, geometry, feature sensitivity), written to an output folder.
 
 Units: every ε and step is in [0, 1] pixel units. :func:`audit_model` audits one model into one
 folder; :func:`audit_models` several (each in its own subfolder, with ``comparison.md``).
@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ log = logging.getLogger("cure_eval.audit")
 @dataclass
 class AuditOptions:
     """What to run in an audit. ε, PGD step and the sweep radii in [0, 1] pixel units
-    (``None``: the dataset's default); ``n`` points (``None``: all on digits, 1000 otherwise)."""
+    (``None``: the dataset's default); ``n`` points (``None``: all on digits, 1000 otherwise);
+    ``features_layers``: module names for ``features`` (``None``: the network's stages)."""
 
     eps: float | None = None
     alpha: float | None = None
@@ -66,6 +68,9 @@ class AuditOptions:
     geometry_n: int = 20
     h: float | None = None
     top_k: int = 10
+    features: bool = False
+    features_n: int = 100
+    features_layers: list[str] | None = None
     batch_size: int = 256
     seed: int = 0
     data_dir: str = "data"
@@ -204,6 +209,7 @@ def audit_models(
             profiles[label] = summary["geometry"]
     if len(loaded) > 1 and shard.is_main:
         write_comparison(out, combined, profiles)
+        write_features_comparison(out, combined)
     return combined
 
 
@@ -233,6 +239,10 @@ def audit_model(
     x, y = test.tensors[0][idx], test.tensors[1][idx]
     check_images(x, spec)
     check_model_outputs(model, x, spec, device)
+    if opts.features and opts.features_layers:
+        from ..features import resolve_layers
+
+        resolve_layers(model, opts.features_layers)  # an unknown name fails now, not after the suite
 
     fingerprint = audit_fingerprint(
         model=model, desc=desc, dataset=spec.name, x=x, y=y, indices=idx, eps=eps, pgd_alpha=alpha,
@@ -391,6 +401,79 @@ def _geometry_stage(r: _Run) -> dict[str, Any]:
     return {k: geo[k] for k in GEOMETRY_KEYS if k in geo}
 
 
+def _features_n(r: _Run) -> int:
+    return min(r.opts.features_n, len(r.x))
+
+
+def _features_settings(r: _Run) -> dict[str, Any]:
+    return {"features_n": _features_n(r), "layers": r.opts.features_layers, "label": r.label,
+            "delta": "suite PGD(20)"}
+
+
+def suite_pgd20_points(r: _Run, m: int) -> tuple[torch.Tensor, str]:
+    """The adversarial points of the suite's PGD(20) on the first ``m`` audited points.
+
+    The audit state keeps no adversarial images, so the suite's PGD unit is replayed on those
+    points: per chunk the same seed (:func:`~cure_eval.audit_state.pgd_chunk_seed`), step and ε,
+    on the chunk's clean-correct points from its start (PGD's random start is drawn in that
+    order, the steps act per point), which gives the suite's points. The share of points whose
+    perturbation ℓ2 equals the suite's record (to 1e-6) is logged and returned in the text. In a
+    cascade the suite attacked fewer points: the replay is then PGD(20) with the same settings."""
+    from ..attacks import run_attack
+    from ..audit_state import pgd_chunk_seed
+
+    x, y, bs = r.x[:m], r.y[:m], r.opts.batch_size
+    correct = r.suite.clean_correct[:m]
+    x_adv = x.clone()
+    for k, start in enumerate(range(0, m, bs)):
+        sub = correct[start:start + bs].nonzero().flatten() + start
+        if len(sub):
+            res = run_attack("pgd20", r.model, x[sub], y[sub], eps=r.eps, device=r.device, batch_size=bs,
+                             seed=pgd_chunk_seed(r.opts.seed, k), pgd_alpha=r.alpha, progress=r.progress)
+            x_adv[sub] = res.x_adv
+    settings = f"ε {r.eps * 255:.4g}/255, step {r.alpha * 255:.4g}/255, the suite's seed per chunk"
+    rec = r.suite.attacks.get("pgd20")
+    if rec is None or r.suite.cascade:
+        why = "the suite ran no pgd20" if rec is None else "the suite's cascade attacked fewer points"
+        return x_adv, f"PGD(20) with the audit's settings ({settings}); {why}"
+    done = correct.nonzero().flatten()
+    l2 = (x_adv[done] - x[done]).double().flatten(1).norm(dim=1)
+    same = float(((l2 - rec.l2[done].double()).abs() <= 1e-6).double().mean()) if len(done) else 1.0
+    log.info("features: replayed PGD(20) points match the suite's ℓ2 records on %.1f %% of %d points",
+             100 * same, len(done))
+    return x_adv, f"the suite's PGD(20) ({settings}), replayed; ℓ2 equal to the suite's record on {100 * same:.1f} % of the points"
+
+
+#: What of ``features.json`` the audit summary keeps (``per_point`` stays in the file).
+FEATURES_KEYS = ("layers", "n_candidates", "n_points", "eps", "units", "random_delta", "adversarial_delta",
+                 "sensitivity", "delta_l2", "confidence", "min_perturbation", "seconds", "config")
+
+
+def _features_stage(r: _Run) -> dict[str, Any]:
+    from ..attacks.base import require_input_gradients
+    from ..features import format_table as features_table
+    from ..features import measure_features, resolve_layers
+
+    resolve_layers(r.model, r.opts.features_layers)  # no stage to measure: not applicable, before any attack
+    require_input_gradients(r.model, r.x[:2].to(r.device))
+    m = _features_n(r)
+    t0 = time.perf_counter()
+    x_adv, source = suite_pgd20_points(r, m)
+    replay = time.perf_counter() - t0
+    df = r.suite.attacks.get("deepfool_l2")
+    min_norms, mn_source = None, None
+    if df is not None and "min_norm" in df.extra:
+        min_norms = df.extra["min_norm"][df.attacked]
+        mn_source = "the suite's deepfool_l2 (min_norm of its attacked points" + (
+            ", still robust in the cascade)" if r.suite.cascade else ", all clean-correct)")
+    res = measure_features(r.model, r.x, r.y, out_dir=r.out, device=r.device, eps=r.eps, n_points=m,
+                           layers=r.opts.features_layers, x_adv=x_adv, adversarial_source=source,
+                           min_norms=min_norms, min_norm_source=mn_source, label=r.label, seed=r.opts.seed,
+                           batch_size=r.opts.batch_size, progress=r.progress)
+    log.info("\n%s\n", features_table({r.label: res}))
+    return {**{k: res[k] for k in FEATURES_KEYS}, "seconds": {**res["seconds"], "pgd_replay": replay}}
+
+
 #: The optional sections, in the order they run.
 STAGES: tuple[Stage, ...] = (
     Stage("eps_sweep", lambda o: bool(o.eps_sweep), lambda r: {"eps_sweep": r.opts.eps_sweep},
@@ -398,6 +481,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("masking", lambda o: o.masking_check, lambda r: {"masking_n": _masking_n(r), "points": "seeded subset"},
           ("masking_scatter.png",), _masking_stage),
     Stage("geometry", lambda o: o.geometry, _geometry_settings, ("geometry.json",), _geometry_stage),
+    Stage("features", lambda o: o.features, _features_settings,
+          ("features.json", "features_sensitivity.png", "features_confidence.png"), _features_stage),
 )
 
 
@@ -442,6 +527,23 @@ def write_comparison(out: Path, combined: dict[str, dict[str, Any]], profiles: d
     log.info("comparison written to %s", out / "comparison.md")
 
 
+def write_features_comparison(out: Path, combined: dict[str, dict[str, Any]]) -> None:
+    """The feature measurements of several audited models side by side: one line per model in
+    ``features_sensitivity.png`` and ``features_confidence.png`` on top of ``out``, and their
+    tables appended to ``comparison.md`` (nothing when fewer than two models have them)."""
+    feats = {m: s["features"] for m, s in combined.items()
+             if isinstance(s.get("features"), dict) and "sensitivity" in s["features"]}
+    if len(feats) < 2:
+        return
+    from ..features import format_table as features_table
+    from ..features import plot_confidence, plot_sensitivity
+
+    plot_sensitivity(feats, out / "features_sensitivity.png")
+    plot_confidence(feats, out / "features_confidence.png")
+    text = (out / "comparison.md").read_text(encoding="utf-8")
+    write_text_atomic(out / "comparison.md", text + "\n" + features_table(feats) + "\n")
+
+
 def number(value: Any, spec: str) -> str:
     """``format(value, spec)``, or ``n/a`` for a measurement that did not apply (``None``)."""
     return "n/a" if value is None else format(value, spec)
@@ -468,7 +570,15 @@ def format_results_table(summary: dict[str, Any]) -> str:
     rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", ""])
     table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
     comparison = format_autoattack_comparison(summary)
-    return table + ("\n\n" + comparison if comparison else "")
+    table += "\n\n" + comparison if comparison else ""
+    feats = summary.get("features")
+    if isinstance(feats, dict) and "sensitivity" in feats:
+        from ..features import format_table as features_table
+
+        label = str(summary.get("model", {}).get("method") or summary.get("model", {}).get("model") or "model")
+        table += (f"\n\nFeature sensitivity ‖Δf_l‖₂/‖δ‖₂ on {feats['n_points']} points, ε = {feats['eps'] * 255:.4g}/255 "
+                  f"(random sign δ vs the suite's PGD(20) δ), and confidence:\n\n" + features_table({label: feats}))
+    return table
 
 
 def format_autoattack_comparison(summary: dict[str, Any]) -> str:
