@@ -33,7 +33,7 @@ from cure_eval.masking import NoisyInput, QuantizedInput, SaturatedLogits
 from cure_eval.models import NormalizedModel
 from cure_eval.testing import small_cnn, train_plain
 
-ATTACKS = "fgsm,pgd7,pgd20,pgd40,pgd100,deepfool_linf,deepfool_l2,spsa,autoattack"
+ATTACKS = "fgsm,pgd7,pgd20,pgd40,pgd100,apgd-ce,apgd-dlr,deepfool_linf,deepfool_l2,spsa,autoattack"
 
 
 def main(argv: list[str] | None = None) -> int:
