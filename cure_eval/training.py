@@ -41,7 +41,7 @@ from .checkpoint import (
     unwrap,
 )
 from .data import DatasetSpec
-from .errors import CureEvalError, UsageError
+from .errors import CureEvalError, NotApplicable, UsageError
 from .io import append_jsonl, read_jsonl, write_text_atomic
 from .methods import Method, config_dict
 from .models import ModelConfig
@@ -277,7 +277,10 @@ def train(
             if probe is not None:
                 row.update(_probe(model, method, probe, device))
             if wci is not None:
-                row.update(wci.measure(unwrap(model), device))
+                try:
+                    row.update(wci.measure(unwrap(model), device))
+                except NotApplicable as exc:  # no conv/linear weights: recorded, training goes on
+                    row["wci_not_applicable"] = str(exc)
         if lr_policy is not None:  # every rank decides from rank 0's WCI, so the LRs stay equal
             decay = lr_policy.update(epoch + 1, float(distributed.broadcast_object(row.get("wci", math.nan))))
             if decay:

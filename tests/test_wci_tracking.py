@@ -14,7 +14,7 @@ import torch
 from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.defend import main
-from cure_eval.errors import UsageError
+from cure_eval.errors import NotApplicable, UsageError
 from cure_eval.geometry.weights import pgd_points, weight_curvature_index
 from cure_eval.io import read_jsonl
 from cure_eval.methods import TrainContext, get_method
@@ -214,3 +214,21 @@ def test_defend_track_wci_writes_results_and_figure(tmp_path: Path) -> None:
     png = out / w["figure"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["wci_tracking"]["probe_n"] == 16
+
+
+def test_a_model_without_conv_linear_weights_is_recorded_not_applicable(tmp_path: Path) -> None:
+    """WCI does not apply to RawParameterNet: each row says so, training and the other numbers go on."""
+    from cure_eval.testing import RawParameterNet
+
+    x, y, tracker = _data()
+    mcfg = model_config_for("wide_resnet", SPEC, depth=10, widen=1)  # only recorded in the checkpoint
+    cls = get_method("standard")
+    cfg = cls.make_config(SPEC, mcfg.name, overrides={"epochs": 2, "batch_size": 64})
+    ctx = TrainContext(spec=SPEC, eps=EPS, model_name=mcfg.name, device=CPU, epochs=2, steps_per_epoch=3)
+    train(RawParameterNet(), cls(cfg, ctx), x, y, model_config=mcfg, out_dir=tmp_path, progress=False, wci=tracker,
+          lr_policy=WCILRPolicy(patience=1))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all("conv/linear" in r["wci_not_applicable"] and "wci" not in r and r["wci_lr_decay"] == 0 for r in rows)
+    with pytest.raises(NotApplicable):
+        tracking_summary(rows)

@@ -30,7 +30,7 @@ from tabulate import tabulate
 from .. import __version__, distributed
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, unwrap
 from ..data import DatasetSpec, load_dataset, select_points
-from ..errors import UsageError
+from ..errors import NotApplicable, UsageError
 from ..evaluation import evaluate
 from ..io import read_jsonl, write_json_atomic, write_text_atomic
 from ..methods import Method, MethodConfig, TrainContext, config_dict
@@ -292,7 +292,11 @@ def wci_tracker(s: DefendSettings, data: _Data) -> WCITracker:
 def _tracking_result(s: DefendSettings, metrics: list[dict[str, Any]], tracker: WCITracker,
                      policy: WCILRPolicy | None) -> dict[str, Any]:
     """``results.json``'s ``wci_tracking`` entry of the method, and its figure in the run folder."""
-    summary = tracking_summary(metrics)
+    try:
+        summary = tracking_summary(metrics)
+    except NotApplicable as exc:
+        log.warning("%s: WCI tracking not applicable: %s", s.method_cls.name, exc)
+        return {"not_applicable": str(exc), "settings": tracker.describe()}
     summary["decay_epochs"] = [int(r["epoch"]) for r in metrics if r.get("wci_lr_decay")]
     summary["settings"] = tracker.describe()
     summary["lr_policy"] = policy.describe() if policy is not None else None
