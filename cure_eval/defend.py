@@ -103,6 +103,7 @@ def build_parser() -> ArgumentParser:
     w.add_argument("--wci-patience", type=int, default=2, help="consecutive WCI rises before a cut (default: 2)")
     w.add_argument("--wci-decay", type=float, default=0.1, help="LR multiplier of a cut (default: 0.1)")
     w.add_argument("--wci-max-decays", type=int, default=2, help="at most this many cuts (default: 2)")
+    w.add_argument("--wci-warmup", type=int, default=0, help="epochs whose WCI rises do not count (default: 0)")
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="run folder (default: runs/<dataset>_<model>_<method>_s<seed>)")
@@ -175,7 +176,8 @@ def _settings(args: Any) -> DefendSettings:
         download=args.download, resume=args.resume, cache_dir=None if args.no_cache else Path(args.cache_dir),
         progress=not args.no_progress and distributed.env_rank() == 0,
         track_wci=args.track_wci, wci_probe_n=args.wci_probe_n, wci_probes=args.wci_probes,
-        wci_policy=WCILRPolicy(patience=args.wci_patience, factor=args.wci_decay, max_decays=args.wci_max_decays)
+        wci_policy=WCILRPolicy(patience=args.wci_patience, factor=args.wci_decay, max_decays=args.wci_max_decays,
+                               warmup=args.wci_warmup)
         if args.lr_policy == "wci" else None,
     )
 

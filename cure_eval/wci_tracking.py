@@ -24,7 +24,8 @@ adjustment driven by WCI reduces robust overfitting.
 * :class:`WCILRPolicy` — our reading of the seed's "WCI-based learning rate adjustment" (the
   abstract gives no rule): after each epoch, if WCI has *risen* (``wci_t > wci_{t−1}``) for
   ``patience`` consecutive epochs, multiply the learning rate by ``factor``, at most
-  ``max_decays`` times; the count of rises restarts after a decay. Rising WCI is read as the onset
+  ``max_decays`` times, rises in the first ``warmup`` epochs not counted; the count of rises
+  restarts after a decay. Rising WCI is read as the onset
   of robust overfitting (the paper: WCI grows with the robust gap), and a lower learning rate as
   the remedy. The decay multiplies the optimiser's current LR on top of the method's own schedule
   (``--lr-policy wci`` with ``lr_schedule=constant`` is the pure policy).
@@ -144,6 +145,9 @@ class WCILRPolicy:
         patience: consecutive rises that trigger a decay (default 2).
         factor: the LR multiplier of a decay (default 0.1).
         max_decays: at most this many decays (default 2).
+        warmup: epochs ``1..warmup`` never count as rises (default 0). From a random
+            initialisation WCI rises for the first few epochs as the weights grow, which the plain
+            rule reads as overfitting (on digits it cut the LR after epochs 3 and 5: README).
         last: the previous epoch's WCI (None before the first epoch).
         rises: current run of consecutive rises.
         decay_epochs: 1-based epochs after which the LR was decayed.
@@ -152,6 +156,7 @@ class WCILRPolicy:
     patience: int = 2
     factor: float = 0.1
     max_decays: int = 2
+    warmup: int = 0
     last: float | None = None
     rises: int = 0
     decay_epochs: list[int] = field(default_factory=list)
@@ -161,12 +166,12 @@ class WCILRPolicy:
             raise UsageError(f"the WCI policy's patience must be at least 1 epoch, got {self.patience}")
         if not 0.0 < self.factor < 1.0:
             raise UsageError(f"the WCI policy's decay factor must be in (0, 1), got {self.factor}")
-        if self.max_decays < 0:
-            raise UsageError(f"the WCI policy's max_decays must be >= 0, got {self.max_decays}")
+        if self.max_decays < 0 or self.warmup < 0:
+            raise UsageError(f"the WCI policy's max_decays and warmup must be >= 0, got {self.max_decays}, {self.warmup}")
 
     def update(self, epoch: int, wci: float) -> bool:
         """Record epoch ``epoch``'s (1-based) WCI; True when the LR is to be decayed now."""
-        rose = self.last is not None and math.isfinite(wci) and wci > self.last
+        rose = epoch > self.warmup and self.last is not None and math.isfinite(wci) and wci > self.last
         self.rises = self.rises + 1 if rose else 0
         self.last = wci
         if self.rises >= self.patience and len(self.decay_epochs) < self.max_decays:
@@ -197,7 +202,7 @@ class WCILRPolicy:
 
     def describe(self) -> dict[str, Any]:
         return {"rule": "lr *= factor when WCI rose for `patience` consecutive epochs, at most max_decays times",
-                "patience": self.patience, "factor": self.factor, "max_decays": self.max_decays,
+                "patience": self.patience, "factor": self.factor, "max_decays": self.max_decays, "warmup": self.warmup,
                 "decay_epochs": list(self.decay_epochs)}
 
 

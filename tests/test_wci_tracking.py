@@ -120,6 +120,8 @@ def test_policy_decays_exactly_when_its_rule_says() -> None:
     blob.seek(0)
     resumed.load_state_dict(torch.load(blob, weights_only=True)["wci_policy"])
     assert [e for e, w in enumerate(wci[3:], start=4) if resumed.update(e, w)] == [4, 8]
+    warm = WCILRPolicy(patience=2, warmup=3)  # the rises at epochs 2, 3 do not count; 4, 5 do
+    assert [e for e, w in enumerate([1.0, 2.0, 3.0, 4.0, 5.0], start=1) if warm.update(e, w)] == [5]
     with pytest.raises(UsageError, match="factor"):
         WCILRPolicy(factor=1.5)
 
