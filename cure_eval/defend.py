@@ -11,6 +11,10 @@ side-by-side table and a run folder::
         results.json           written last, only when everything finished
         results.md             the table
 
+``--track-wci`` adds per-epoch WCI and train/test robust accuracy to ``<method>/metrics.jsonl``,
+``<method>/wci_tracking.png`` and ``wci_tracking`` to ``results.json``; ``--lr-policy wci`` also
+cuts the learning rate when WCI keeps rising (:mod:`cure_eval.wci_tracking`).
+
 Data parallel on several processes or GPUs: ``torchrun --nproc_per_node=N -m cure_eval.defend ...``
 (``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.distributed`).
 ``--batch-size`` stays the *global* batch (each rank trains on ``batch_size / N`` of it), so the
