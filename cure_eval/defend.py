@@ -11,6 +11,10 @@ side-by-side table and a run folder::
         results.json           written last, only when everything finished
         results.md             the table
 
+``--track-wci`` adds per-epoch WCI and train/test robust accuracy to ``<method>/metrics.jsonl``,
+``<method>/wci_tracking.png`` and ``wci_tracking`` to ``results.json``; ``--lr-policy wci`` also
+cuts the learning rate when WCI keeps rising (:mod:`cure_eval.wci_tracking`).
+
 Data parallel on several processes or GPUs: ``torchrun --nproc_per_node=N -m cure_eval.defend ...``
 (``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.distributed`).
 ``--batch-size`` stays the *global* batch (each rank trains on ``batch_size / N`` of it), so the
@@ -49,6 +53,7 @@ from .pipelines.train import (
     standard_model,  # noqa: F401  (re-exported: the name's old home)
     train_method,  # noqa: F401  (re-exported: the name's old home)
 )
+from .wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCILRPolicy
 
 log = logging.getLogger("cure_eval.defend")
 
@@ -88,6 +93,22 @@ def build_parser() -> ArgumentParser:
                    help="test points for the evaluation (default: all on digits, 1000 otherwise)")
     d.add_argument("--train-n", type=int, default=None, help="use only the first N training images (quick runs)")
 
+    w = p.add_argument_group("WCI over training (Xu & Zhang, arXiv 2410.07719)")
+    w.add_argument("--track-wci", action="store_true",
+                   help="per-epoch WCI and train/test robust accuracy of the method on fixed probes (metrics.jsonl, "
+                        "results.json wci_tracking, <method>/wci_tracking.png)")
+    w.add_argument("--wci-probe-n", type=int, default=DEFAULT_PROBE_N,
+                   help=f"train and test probe points of --track-wci (default: {DEFAULT_PROBE_N})")
+    w.add_argument("--wci-probes", type=int, default=DEFAULT_HUTCHINSON_PROBES,
+                   help=f"Hutchinson probes of the per-epoch WCI (default: {DEFAULT_HUTCHINSON_PROBES})")
+    w.add_argument("--lr-policy", choices=("schedule", "wci"), default="schedule",
+                   help="wci: also cut the LR when WCI rose for --wci-patience epochs (implies --track-wci; "
+                        "default: schedule, the method's own)")
+    w.add_argument("--wci-patience", type=int, default=2, help="consecutive WCI rises before a cut (default: 2)")
+    w.add_argument("--wci-decay", type=float, default=0.1, help="LR multiplier of a cut (default: 0.1)")
+    w.add_argument("--wci-max-decays", type=int, default=2, help="at most this many cuts (default: 2)")
+    w.add_argument("--wci-warmup", type=int, default=0, help="epochs whose WCI rises do not count (default: 0)")
+
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="run folder (default: runs/<dataset>_<model>_<method>_s<seed>)")
     o.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last completed epoch")
@@ -117,7 +138,8 @@ def _main(argv: Sequence[str] | None) -> int:
         for name in list_methods():
             sys.stdout.write(f"{name:<14} {get_method(name).description}\n")
         return 0
-    for flag in ("epochs", "pretrain_epochs", "batch_size", "pretrain_batch_size", "eval_n", "train_n"):
+    for flag in ("epochs", "pretrain_epochs", "batch_size", "pretrain_batch_size", "eval_n", "train_n",
+                 "wci_probe_n", "wci_probes"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -157,6 +179,10 @@ def _settings(args: Any) -> DefendSettings:
         preset=args.preset, init=args.init, train_n=args.train_n, eval_n=args.eval_n, data_dir=args.data_dir,
         download=args.download, resume=args.resume, cache_dir=None if args.no_cache else Path(args.cache_dir),
         progress=not args.no_progress and distributed.env_rank() == 0,
+        track_wci=args.track_wci, wci_probe_n=args.wci_probe_n, wci_probes=args.wci_probes,
+        wci_policy=WCILRPolicy(patience=args.wci_patience, factor=args.wci_decay, max_decays=args.wci_max_decays,
+                               warmup=args.wci_warmup)
+        if args.lr_policy == "wci" else None,
     )
 
 

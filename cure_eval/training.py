@@ -4,6 +4,11 @@ Per epoch it appends one JSON line to ``metrics.jsonl`` and writes, atomically, 
 (model, optimiser, scheduler and RNG state; loaded with ``weights_only=True``) and
 ``model.safetensors`` (the checkpoint). ``resume=True`` continues after the last completed epoch.
 
+Optional, for every method: per-epoch WCI and train/test robust accuracy on fixed probes
+(``wci=``, a :class:`~cure_eval.wci_tracking.WCITracker`) and the WCI learning-rate policy
+(``lr_policy=``, a :class:`~cure_eval.wci_tracking.WCILRPolicy`); off by default, and then the
+loop and its ``metrics.jsonl`` rows are exactly as without them.
+
 Inside a process group (``torchrun``, see :mod:`cure_eval.distributed`) :func:`train` trains data
 parallel with no change for the caller: every rank builds the same global batches (the same
 permutation and augmentation as one process), keeps its ``batch_size / N`` share, and gradients are
@@ -36,11 +41,12 @@ from .checkpoint import (
     unwrap,
 )
 from .data import DatasetSpec
-from .errors import CureEvalError, UsageError
+from .errors import CureEvalError, NotApplicable, UsageError
 from .io import append_jsonl, read_jsonl, write_text_atomic
 from .methods import Method, config_dict
 from .models import ModelConfig
 from .modes import eval_mode  # noqa: F401  (re-exported: the name's old home)
+from .wci_tracking import WCILRPolicy, WCITracker
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,8 @@ def train(
     checkpoint_extra: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     sync_every: int = 50,
+    wci: WCITracker | None = None,
+    lr_policy: WCILRPolicy | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with ``method`` on [0, 1] images ``x`` and labels ``y``.
 
@@ -134,6 +142,12 @@ def train(
         sync_every: read the step metrics (summed on the device) every this many steps, for the
             progress bar and the divergence check; 1 reads them after every step, which makes a
             GPU wait for each step to finish.
+        wci: per-epoch WCI, ``robust_train``/``robust_test``/``robust_gap`` and the clean ones on
+            the tracker's fixed probes, added to each metrics row (rank 0 measures; see
+            :mod:`cure_eval.wci_tracking`). ``None`` (default): nothing is measured or added.
+        lr_policy: the WCI learning-rate policy, updated after every epoch with that epoch's WCI
+            (it needs ``wci``); its state is saved in ``train_state.pt`` and restored on resume.
+            Decays are logged in the row as ``wci_lr_decay`` (1 when the LR was cut after it).
 
     Distributed (a process group of ``N > 1`` ranks, e.g. under ``torchrun``):
 
@@ -156,6 +170,8 @@ def train(
     """
     if sync_every < 1:
         raise UsageError(f"sync_every must be at least 1, got {sync_every}")
+    if lr_policy is not None and wci is None:
+        raise UsageError("the WCI learning-rate policy needs per-epoch WCI: pass wci= (defend --track-wci)")
     out = Path(out_dir)
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
@@ -183,6 +199,11 @@ def train(
         torch.set_rng_state(state["rng"])
         start = int(state["epoch"])
         history = json.loads(state["metrics"]) if "metrics" in state else []
+        if lr_policy is not None:
+            if "wci_policy" not in state:
+                raise CureEvalError(f"{state_path} was written without the WCI learning-rate policy: "
+                                    "resume it without --lr-policy wci, or start over")
+            lr_policy.load_state_dict(state["wci_policy"])
         log.info("resuming %s from epoch %d/%d", ctx.model_name, start, cfg.epochs)
     elif not resume and main:
         for stale in (state_path, metrics_path, out / CHECKPOINT_NAME):
@@ -255,11 +276,27 @@ def train(
         if main:
             if probe is not None:
                 row.update(_probe(model, method, probe, device))
+            if wci is not None:
+                try:
+                    row.update(wci.measure(unwrap(model), device))
+                except NotApplicable as exc:  # no conv/linear weights: recorded, training goes on
+                    row["wci_not_applicable"] = str(exc)
+        if lr_policy is not None:  # every rank decides from rank 0's WCI, so the LRs stay equal
+            decay = lr_policy.update(epoch + 1, float(distributed.broadcast_object(row.get("wci", math.nan))))
+            if decay:
+                lr_policy.apply(optimizer, scheduler)
+                log.info("WCI rose for %d epochs: learning rate × %g from epoch %d", lr_policy.patience,
+                         lr_policy.factor, epoch + 2)
+            row["wci_lr_decay"] = int(decay)
+        if main:
             history.append(row)
-            save_train_state(state_path, {  # the epoch is complete once this file is in place
+            state = {  # the epoch is complete once this file is in place
                 "epoch": epoch + 1, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "metrics": json.dumps(history),
-            })
+            }
+            if lr_policy is not None:
+                state["wci_policy"] = lr_policy.state_dict()
+            save_train_state(state_path, state)
             append_jsonl(metrics_path, row)
             info.epoch = epoch + 1
             save_checkpoint(out / CHECKPOINT_NAME, model, info)

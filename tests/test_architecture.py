@@ -20,7 +20,7 @@ CLI_MODULES = {"cure_eval.defend", "cure_eval.audit", "cure_eval.reproduce", "cu
 LOW_LEVEL = {"cure_eval.errors", "cure_eval.modes", "cure_eval.device", "cure_eval.io", "cure_eval.plugins"}
 #: Measurement layers below training: they never import the training loop or the method API.
 BELOW_TRAINING = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.evaluation")
-TRAINING = {"cure_eval.training", "cure_eval.methods", "cure_eval.pipelines.train"}
+TRAINING = {"cure_eval.training", "cure_eval.methods", "cure_eval.pipelines.train", "cure_eval.wci_tracking"}
 
 
 def _modules() -> dict[str, Path]:

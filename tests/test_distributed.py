@@ -37,6 +37,7 @@ from cure_eval.io import append_jsonl, read_jsonl
 from cure_eval.methods import TrainContext, get_method
 from cure_eval.models import NormalizedModel, create_model, model_config_for
 from cure_eval.training import train
+from cure_eval.wci_tracking import WCILRPolicy, WCITracker
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -128,7 +129,7 @@ def _cnn() -> nn.Module:
 
 
 def _run(out: Path, method: str, overrides: dict[str, object], *, stop_after: int | None = None,
-         resume: bool = False) -> nn.Module:
+         resume: bool = False, track: bool = False) -> nn.Module:
     # Augmentation on (digits has none): every rank must draw the one-process crops and flips.
     spec = dataclasses.replace(get_dataset_spec("digits"), crop_padding=1, hflip=True)
     x, y = load_dataset("digits", "train").tensors
@@ -145,8 +146,11 @@ def _run(out: Path, method: str, overrides: dict[str, object], *, stop_after: in
         if stop_after is not None and row["epoch"] == stop_after:
             raise KeyboardInterrupt  # a crash right after an epoch was saved
 
+    # WCI tracking (rank 0 measures) and the WCI LR policy (every rank decides from rank 0's WCI)
+    wci = WCITracker(train_probe=(x[:16], y[:16]), test_probe=(x[200:216], y[200:216]), eps=0.1, n_probes=2,
+                     seed=1) if track else None
     train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=out, seed=3, resume=resume, progress=False,
-          on_epoch=on_epoch)
+          on_epoch=on_epoch, wci=wci, lr_policy=WCILRPolicy(patience=1) if track else None)
     return model
 
 
@@ -156,7 +160,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                             timeout=timedelta(seconds=120))
     try:
         root = Path(out)
-        model = _run(root / "standard", "standard", {})
+        model = _run(root / "standard", "standard", {"epochs": 3}, track=True)
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         copies = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(copies, flat)
@@ -189,8 +193,15 @@ def test_train_under_two_ranks_matches_one_process_and_resumes_exactly(tmp_path:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    one = _run(tmp_path / "one", "standard", {})
+    one = _run(tmp_path / "one", "standard", {"epochs": 3}, track=True)
     two = load_file(str(tmp_path / "two" / "standard" / "model.safetensors"))
+    rows_one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    rows_two = read_jsonl(tmp_path / "two" / "standard" / "metrics.jsonl")
+    # the policy cut the LR after epoch 2 on every rank (the ranks' weights are equal) as in one process
+    assert [r["wci_lr_decay"] for r in rows_two] == [r["wci_lr_decay"] for r in rows_one] == [0, 1, 0]
+    assert [r["lr"] for r in rows_two] == pytest.approx([r["lr"] for r in rows_one], rel=1e-9)
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert b["wci"] == pytest.approx(a["wci"], rel=1e-3) and b["robust_test"] == pytest.approx(a["robust_test"], abs=0.07)
     torch.manual_seed(0)
     start = _cnn().state_dict()
     assert max(float((v - start[k]).abs().max()) for k, v in one.state_dict().items() if "normalize" not in k) > 1e-2

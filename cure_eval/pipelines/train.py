@@ -13,6 +13,7 @@ Run folder (``config.json`` first, ``results.json`` last): see :mod:`cure_eval.d
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,12 +30,20 @@ from tabulate import tabulate
 from .. import __version__, distributed
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, unwrap
 from ..data import DatasetSpec, load_dataset, select_points
-from ..errors import UsageError
+from ..errors import NotApplicable, UsageError
 from ..evaluation import evaluate
-from ..io import write_json_atomic, write_text_atomic
+from ..io import read_jsonl, write_json_atomic, write_text_atomic
 from ..methods import Method, MethodConfig, TrainContext, config_dict
 from ..models import ModelConfig, count_parameters, create_model
 from ..training import METRICS_NAME, TrainResult, is_complete, train
+from ..wci_tracking import (
+    DEFAULT_HUTCHINSON_PROBES,
+    DEFAULT_PROBE_N,
+    WCILRPolicy,
+    WCITracker,
+    plot_wci_tracking,
+    tracking_summary,
+)
 
 log = logging.getLogger("cure_eval.defend")
 
@@ -52,6 +61,10 @@ class DefendSettings:
     ``init``: start the method from this checkpoint instead of a normal model. ``train_n``: use
     only the first N training images; ``eval_n``: evaluation points (``None``: all on digits,
     1000 otherwise). ``cache_dir``: where normal models are cached (``None``: no cache).
+    ``track_wci``: per-epoch WCI and train/test robust accuracy of the *method's* training
+    (:mod:`cure_eval.wci_tracking`) on ``wci_probe_n`` fixed train and test points with
+    ``wci_probes`` Hutchinson probes; ``wci_policy``: the WCI learning-rate policy (implies
+    tracking; a template, copied fresh for the run).
     """
 
     spec: DatasetSpec
@@ -74,6 +87,10 @@ class DefendSettings:
     resume: bool = False
     cache_dir: Path | None = None
     progress: bool = True
+    track_wci: bool = False
+    wci_probe_n: int = DEFAULT_PROBE_N
+    wci_probes: int = DEFAULT_HUTCHINSON_PROBES
+    wci_policy: WCILRPolicy | None = None
 
 
 @dataclass
@@ -124,7 +141,7 @@ def run_defend(s: DefendSettings, *, device: torch.device) -> DefendResult | Non
         "seconds_per_epoch": timings,
         "versions": versions(),
     }
-    table = results_table(results)
+    table = results_table({k: v for k, v in results.items() if k != "wci_tracking"})
     write_text_atomic(s.out / "results.md", f"# {s.spec.name} / {mcfg.name}, ε = {s.eps * 255:g}/255\n\n" + table + "\n")
     write_json_atomic(s.out / "results.json", summary)
     return DefendResult(summary=summary, table=table, out=s.out)
@@ -182,6 +199,9 @@ def _config(s: DefendSettings, data: _Data, device: torch.device, *, with_standa
     }
     if distributed.world_size() > 1:
         config["world_size"] = distributed.world_size()
+    if s.track_wci or s.wci_policy is not None:
+        config["wci_tracking"] = {"probe_n": s.wci_probe_n, "hutchinson_probes": s.wci_probes,
+                                  "lr_policy": s.wci_policy.describe() if s.wci_policy is not None else None}
     return config
 
 
@@ -209,12 +229,20 @@ def _train_and_evaluate(
             log.info("--init checkpoint is a %s: using its architecture", info.model.name)
             mcfg = info.model
         base_name = "init"
-    else:
+    tracker = wci_tracker(s, data) if (s.track_wci or s.wci_policy is not None) else None
+    policy = dataclasses.replace(s.wci_policy, decay_epochs=[]) if s.wci_policy is not None else None
+    if not s.init:
+        # ``--method standard`` *is* this training: tracked (and then never from the cache) if asked
+        tracked = tracker is not None and s.method_cls.name == "standard"
         base_model, secs = standard_model(
             s.standard_cls, s.std_cfg, s.spec, mcfg, s.eps, device, data.x_train, data.y_train, s.out / "standard",
-            cache_dir=s.cache_dir, seed=s.seed, resume=s.resume, probe=data.probe, progress=s.progress,
+            cache_dir=None if tracked else s.cache_dir, seed=s.seed, resume=s.resume, probe=data.probe,
+            progress=s.progress, wci=tracker if tracked else None, lr_policy=policy if tracked else None,
         )
         timings["standard"] = secs
+        if tracked and main_rank and tracker is not None:
+            metrics = read_jsonl(s.out / "standard" / METRICS_NAME)
+            results["wci_tracking"] = {"standard": _tracking_result(s, metrics, tracker, policy)}
 
     def evaluate_base() -> None:
         assert base_model is not None
@@ -237,9 +265,12 @@ def _train_and_evaluate(
     t0 = time.perf_counter()
     model, res = train_method(s.method_cls, s.method_cfg, spec=s.spec, mcfg=mcfg, eps=s.eps, device=device,
                               x=data.x_train, y=data.y_train, out_dir=s.out / s.method_cls.name, seed=s.seed,
-                              resume=s.resume, probe=data.probe, progress=s.progress, start_from=start_from)
+                              resume=s.resume, probe=data.probe, progress=s.progress, start_from=start_from,
+                              wci=tracker, lr_policy=policy)
     timings[s.method_cls.name] = res.seconds_per_epoch
     log.info("%s: %d epochs in %.1f s", s.method_cls.name, s.method_cfg.epochs, time.perf_counter() - t0)
+    if main_rank and tracker is not None:
+        results["wci_tracking"] = {s.method_cls.name: _tracking_result(s, res.metrics, tracker, policy)}
     if main_rank and deferred and compare_base:
         evaluate_base()
     if main_rank:
@@ -247,13 +278,45 @@ def _train_and_evaluate(
     return results, timings, mcfg
 
 
+def wci_tracker(s: DefendSettings, data: _Data) -> WCITracker:
+    """The run's WCI tracker: ``s.wci_probe_n`` seeded training points (not augmented) and as many
+    seeded evaluation points, the run's ε, the audit's PGD (10 steps) and seed."""
+    if s.wci_probe_n < 1:
+        raise UsageError(f"--wci-probe-n must be positive, got {s.wci_probe_n}")
+    n_tr, n_te = min(s.wci_probe_n, len(data.x_train)), min(s.wci_probe_n, len(data.x_test))
+    itr, ite = select_points(len(data.x_train), n_tr, s.seed), select_points(len(data.x_test), n_te, s.seed)
+    return WCITracker(train_probe=(data.x_train[itr], data.y_train[itr]), test_probe=(data.x_test[ite], data.y_test[ite]),
+                      eps=s.eps, n_probes=s.wci_probes, seed=s.seed)
+
+
+def _tracking_result(s: DefendSettings, metrics: list[dict[str, Any]], tracker: WCITracker,
+                     policy: WCILRPolicy | None) -> dict[str, Any]:
+    """``results.json``'s ``wci_tracking`` entry of the method, and its figure in the run folder."""
+    try:
+        summary = tracking_summary(metrics)
+    except NotApplicable as exc:
+        log.warning("%s: WCI tracking not applicable: %s", s.method_cls.name, exc)
+        return {"not_applicable": str(exc), "settings": tracker.describe()}
+    summary["decay_epochs"] = [int(r["epoch"]) for r in metrics if r.get("wci_lr_decay")]
+    summary["settings"] = tracker.describe()
+    summary["lr_policy"] = policy.describe() if policy is not None else None
+    fig = plot_wci_tracking(summary, s.out / s.method_cls.name / "wci_tracking.png", title=s.method_cls.name)
+    summary["figure"] = str(fig.relative_to(s.out))
+    log.info("%s: Spearman ρ(WCI, robust gap) over %d epochs = %.3f; robust test final %.1f %%, best %.1f %% "
+             "(epoch %d)", s.method_cls.name, len(summary["epochs"]), summary["spearman"],
+             100 * summary["final_robust_test"], 100 * summary["best_robust_test"], summary["best_epoch"])
+    return summary
+
+
 def train_method(
     cls: type[Method[Any]], cfg: Any, *, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
     x: torch.Tensor, y: torch.Tensor, out_dir: Path, seed: int, resume: bool = False,
     probe: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
-    start_from: torch.nn.Module | None = None,
+    start_from: torch.nn.Module | None = None, wci: WCITracker | None = None,
+    lr_policy: WCILRPolicy | None = None,
 ) -> tuple[torch.nn.Module, TrainResult]:
-    """Train method ``cls`` into ``out_dir``, from a copy of ``start_from`` or from scratch."""
+    """Train method ``cls`` into ``out_dir``, from a copy of ``start_from`` or from scratch
+    (``wci``/``lr_policy``: per-epoch WCI tracking and the WCI LR policy, see :func:`train`)."""
     if start_from is not None:
         model = _fresh_copy(start_from, mcfg, device)
     else:
@@ -261,16 +324,18 @@ def train_method(
         model = create_model(mcfg).to(device)
     method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x), cls.name))
     res = train(model, method, x, y, model_config=mcfg, out_dir=out_dir, seed=seed, resume=resume,
-                probe=probe, progress=progress, checkpoint_extra={"eps": eps})
+                probe=probe, progress=progress, checkpoint_extra={"eps": eps}, wci=wci, lr_policy=lr_policy)
     return model, res
 
 
 def standard_model(
     cls: type[Method[Any]], cfg: Any, spec: DatasetSpec, mcfg: ModelConfig, eps: float, device: torch.device,
     x: torch.Tensor, y: torch.Tensor, out: Path, *, cache_dir: Path | None, seed: int, resume: bool,
-    probe: tuple[torch.Tensor, torch.Tensor], progress: bool,
+    probe: tuple[torch.Tensor, torch.Tensor], progress: bool, wci: WCITracker | None = None,
+    lr_policy: WCILRPolicy | None = None,
 ) -> tuple[torch.nn.Module, float]:
-    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch).
+    """Train the normal model into ``out`` or copy it from the cache; returns (model, s/epoch)
+    (``wci``/``lr_policy`` as in :func:`train`; pass ``cache_dir=None`` with them).
 
     Under torchrun rank 0 alone copies to and from the cache; every rank loads the same files.
     """
@@ -291,7 +356,7 @@ def standard_model(
     model = create_model(mcfg).to(device)
     method = cls(cfg, _ctx(spec, eps, mcfg, device, cfg, len(x), cls.name))
     res = train(model, method, x, y, model_config=mcfg, out_dir=out, seed=seed, resume=resume,
-                probe=probe, progress=progress)
+                probe=probe, progress=progress, wci=wci, lr_policy=lr_policy)
     if cached is not None and distributed.is_main():
         tmp = cached.with_name(cached.name + ".tmp")
         if tmp.exists():
