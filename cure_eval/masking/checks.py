@@ -74,10 +74,11 @@ CONVERGENCE_WINDOW = 10
 CONVERGENCE_DELTA = 0.05
 #: FAIL when AutoAttack breaks more than this fraction of the attacked points that no attack of
 #: the suite broke (the suite's worst case sits that far above AutoAttack's): the suite's own
-#: attacks are too weak for this model. Measured (200 digits points): small normal CNN 0 of 191,
-#: the default defend run's WRN-16-4s 9 of 195 / 190 (4.6-4.7 %, APGD-CE beats fixed-step PGD).
-#: Provisional: docs/masking.md.
-AUTOATTACK_GAP_FAIL = 0.02
+#: attacks are too weak for this model (WARN on any such point). Measured with the default suite
+#: (APGD-CE/DLR included; docs/masking.md): honest digits models 0 % (small CNN), 1.5 % and 2.6 %
+#: (the default defend run's normal and CURE WRN-16-4s: only points AutoAttack's targeted APGD-T
+#: broke); the suite without the APGDs on those WRNs 3.1 % and 7.8 %; shattered gradients 46 %.
+AUTOATTACK_GAP_FAIL = 0.05
 
 
 # --------------------------------------------------------------------------------------------
