@@ -70,7 +70,8 @@ def test_audit_checkpoint_full_suite_and_sweep(tmp_path: Path, wrn_checkpoint: P
                "--eps-sweep", "0,8,32", "--out", str(out), "--no-progress"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    assert set(res["attacks"]) == {"fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "deepfool_linf", "deepfool_l2", "spsa"}
+    assert set(res["attacks"]) == {"fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf",
+                                   "deepfool_l2", "spsa"}
     for a in res["attacks"].values():
         assert 0.0 <= a["robust_accuracy"] <= res["clean_accuracy"] and a["seconds"] >= 0
     pgd = [res["attacks"][k]["robust_accuracy"] for k in ("pgd7", "pgd20", "pgd40", "pgd100")]
