@@ -76,10 +76,10 @@ def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory_argv: list[str]
     capsys.readouterr()
     assert main([*factory_argv, *ARGS, "--out", str(out)]) == 0
     log = capsys.readouterr().err
-    assert f"reusing {len(done)} finished units of 30" in log
+    assert f"reusing {len(done)} finished units of 40" in log
     computed = computed_units(log)
     assert computed and not computed & done  # nothing that finished was attacked again
-    assert computed | done == units(out) and len(units(out)) == 30
+    assert computed | done == units(out) and len(units(out)) == 40
     assert not (out / ".audit_state.json.torn.tmp").exists()
 
     ref = tmp_path / "uninterrupted"
