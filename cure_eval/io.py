@@ -35,6 +35,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, _write)
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str], **savefig: Any) -> Path:
+    """Write the matplotlib figure ``fig`` as a PNG at ``path``, atomically (``savefig`` keyword
+    arguments pass through, e.g. ``dpi``, ``bbox_inches``). Returns the path."""
+    p = Path(path)
+    atomic_write(p, lambda tmp: fig.savefig(tmp, format="png", **savefig))
+    return p
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 

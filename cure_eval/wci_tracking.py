@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import NotApplicable, UsageError
 from .geometry.weights import pgd_points, weight_curvature_index
-from .io import atomic_write
+from .io import save_figure
 from .modes import eval_mode
 
 #: the metrics.jsonl keys that tracking adds (and nothing else adds)
@@ -273,7 +273,4 @@ def plot_wci_tracking(summary: dict[str, Any], path: str | Path, *, title: str =
                  fontsize=10)
     lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
     ax.legend(lines, [str(ln.get_label()) for ln in lines], loc="upper left", fontsize=8)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(p, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    return p
+    return save_figure(fig, path, bbox_inches="tight")

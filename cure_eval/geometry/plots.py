@@ -18,6 +18,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from ..io import save_figure
 from ._util import as_numpy
 from .landscape import LossPlane
 from .spectrum import CurvatureProfile
@@ -38,10 +39,7 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, format="png", bbox_inches="tight")
-    return p
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _profile_values(p: ProfileLike) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import to_jsonable
+from ..io import save_figure, to_jsonable
 from .checks import Finding, Verdict, _json_float
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,7 @@ class MaskingReport:
         ax.text(0.98, 0.02, "negative: misclassified", transform=ax.transAxes, ha="right",
                 va="bottom", fontsize=7, color="0.4")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        return path
+        return save_figure(fig, path)
 
 
 def _fmt(v: float) -> str:

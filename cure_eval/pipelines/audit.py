@@ -43,7 +43,7 @@ from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state, load_weig
 from ..data import DatasetSpec, check_images, get_dataset_spec, load_dataset, select_points
 from ..errors import CureEvalError, NotApplicable, UsageError
 from ..evaluation import predict
-from ..io import write_json_atomic, write_text_atomic
+from ..io import save_figure, write_json_atomic, write_text_atomic
 from ..models import create_model, load_factory, model_config_for
 
 log = logging.getLogger("cure_eval.audit")
@@ -639,6 +639,6 @@ def _run_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sweep: list[f
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "eps_sweep.png", dpi=120)
+    save_figure(fig, out / "eps_sweep.png", dpi=120)
     plt.close(fig)
     return data

@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from .. import __version__
 from ..data import DatasetSpec, load_dataset, select_points
-from ..io import write_json_atomic, write_text_atomic
+from ..io import save_figure, write_json_atomic, write_text_atomic
 from ..methods import Method, config_dict, get_method
 from ..models import ModelConfig, count_parameters, create_model
 from .audit import AuditOptions, attack_label, audit_model, has_geometry, number
@@ -280,5 +280,5 @@ def _plot_eps_curves(audits: dict[str, dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
