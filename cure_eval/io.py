@@ -35,6 +35,16 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, _write)
 
 
+def new_figure(width: float, height: float, *, dpi: int = 110) -> Any:
+    """A matplotlib ``Figure`` (inches) on the Agg canvas: no pyplot, no global figure state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], **savefig: Any) -> Path:
     """Write the matplotlib figure ``fig`` as a PNG at ``path``, atomically (``savefig`` keyword
     arguments pass through, e.g. ``dpi``, ``bbox_inches``). Returns the path."""

@@ -10,20 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from ..io import save_figure
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    return save_figure(fig, path, bbox_inches="tight")
+from ..io import new_figure, save_figure
 
 
 def _short(layer: str) -> str:
@@ -40,7 +28,7 @@ def plot_sensitivity(results: Mapping[str, Mapping[str, Any]], path: str | os.Pa
     (median adversarial / random per point)."""
     if not results:
         raise ValueError("no feature results to plot")
-    fig = _figure(10.5, 4.0)
+    fig = new_figure(10.5, 4.0)
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     layers: list[str] = []
     for i, (label, res) in enumerate(results.items()):
@@ -70,7 +58,7 @@ def plot_sensitivity(results: Mapping[str, Mapping[str, Any]], path: str | os.Pa
     ax2.set_title("Anisotropy (median over points)", fontsize=10)
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _hist(ax: Any, dist: Mapping[str, Any], label: str, color: str) -> bool:
@@ -87,7 +75,7 @@ def plot_confidence(results: Mapping[str, Mapping[str, Any]], path: str | os.Pat
     points, and of DeepFool's minimal ℓ2 perturbation, one line per model."""
     if not results:
         raise ValueError("no feature results to plot")
-    fig = _figure(12.0, 3.6)
+    fig = new_figure(12.0, 3.6)
     axes = [fig.add_subplot(1, 3, k) for k in (1, 2, 3)]
     drawn = False
     for i, (label, res) in enumerate(results.items()):
@@ -108,4 +96,4 @@ def plot_confidence(results: Mapping[str, Mapping[str, Any]], path: str | os.Pat
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")

@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..io import save_figure
+from ..io import new_figure, save_figure
 from ._util import as_numpy
 from .landscape import LossPlane
 from .spectrum import CurvatureProfile
@@ -30,16 +28,6 @@ TRUE_COLOR = "#4daf4a"
 #: colours of the incorrect classes (reds, oranges, purples...: distinguishable, none green)
 WRONG_COLORS = ("#e41a1c", "#ff7f00", "#984ea3", "#a65628", "#f781bf", "#fdbf6f", "#6a3d9a",
                 "#b15928", "#fb9a99", "#999999", "#cab2d6", "#ffff33")
-
-
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=110)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _profile_values(p: ProfileLike) -> np.ndarray:
@@ -69,7 +57,7 @@ def plot_profiles(
     """
     if not profiles:
         raise ValueError("no profiles to plot")
-    fig = _figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     for label, values in profiles.items():
         vals = np.sort(_profile_values(values).reshape(-1))[::-1]
@@ -81,7 +69,7 @@ def plot_profiles(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_curvature_profile(
@@ -96,7 +84,7 @@ def plot_curvature_profile(
     networks with a finite ``h`` the two differ (see :mod:`cure_eval.geometry.spectrum`):
     drawing them together shows by how much.
     """
-    fig = _figure(6.4, 4.2)
+    fig = new_figure(6.4, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     d, k = profile.dim, profile.k
     full = profile.sorted_profile
@@ -114,7 +102,7 @@ def plot_curvature_profile(
                  f"{len(profile.points)} points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_plane(
@@ -137,7 +125,7 @@ def plot_plane(
     for c in range(k):
         colors.append(TRUE_COLOR if c == plane.label else next(wrong))
     cmap = ListedColormap(colors)
-    fig = _figure(11.0, 4.6)
+    fig = new_figure(11.0, 4.6)
     ax = fig.add_subplot(1, 2, 1)
     a, b = plane.a, plane.b
     ax.pcolormesh(a, b, plane.pred, cmap=cmap, vmin=-0.5, vmax=k - 0.5, shading="nearest")
@@ -169,7 +157,7 @@ def plot_plane(
     ax3.set_zlabel("−loss")  # type: ignore[attr-defined]
     ax3.set_title("−ℓ on the plane")
     fig.suptitle(title or f"point {plane.index} (label {names[plane.label] if plane.label < len(names) else plane.label})")
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_theorem1(
@@ -188,7 +176,7 @@ def plot_theorem1(
     """
     lo, up, me = (as_numpy(v).reshape(-1) for v in (lower, upper, measured))
     ok = np.isfinite(lo) & np.isfinite(up) & np.isfinite(me)
-    fig = _figure(5.6, 5.0)
+    fig = new_figure(5.6, 5.0)
     ax = fig.add_subplot(1, 1, 1)
     for m, l_, u_ in zip(me[ok], lo[ok], up[ok], strict=True):
         ax.plot([m, m], [l_, u_], color="0.6", lw=0.8)
@@ -202,7 +190,7 @@ def plot_theorem1(
     ax.set_title(title + (f"\n({skipped} points with non-finite values not shown)" if skipped else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_weight_curves(
@@ -212,7 +200,7 @@ def plot_weight_curves(
     title: str = "Loss along a filter-normalised weight direction",
 ) -> Path:
     """Loss against α for one or several :func:`~cure_eval.geometry.weights.weight_loss_curve` results."""
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for label, c in curves.items():
         ax.plot(c["alphas"], c["loss"], marker="o", ms=3, label=label)
@@ -221,4 +209,4 @@ def plot_weight_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
