@@ -4,7 +4,8 @@ Built-ins, one module each, registered through the entry-point group ``cure_eval
 exactly as a third-party package would: ``fgsm`` (:mod:`.fgsm`), ``pgd7/20/40/100``
 (:mod:`.pgd`, one trajectory), ``deepfool_linf``/``deepfool_l2`` (:mod:`.deepfool`), ``spsa``
 (:mod:`.spsa`), ``autoattack``/``autoattack-rand`` (:mod:`.autoattack`, the original AutoAttack
-through the ``pyautoattack`` package). The plugin contract is :class:`~cure_eval.attacks.base.Attack`; see
+through the ``pyautoattack`` package). The suite runs as units (:mod:`.units`: one attack or
+family on one chunk of points, into a store). The plugin contract is :class:`~cure_eval.attacks.base.Attack`; see
 :mod:`cure_eval.attacks.suite` for the rules every reported number obeys.
 """
 
@@ -49,6 +50,18 @@ from .suite import (
     suite_summary,
     threat_norm,
 )
+from .units import (
+    SUITE_DEFAULTS,
+    SUITE_SETTINGS,
+    MemoryStore,
+    SuitePlan,
+    Unit,
+    UnitStore,
+    assemble,
+    chunk_seed,
+    make_plan,
+    run_units,
+)
 
 __all__ = [
     "ATTACKS",
@@ -67,6 +80,16 @@ __all__ = [
     "MultiStepPGD",
     "PGDConfig",
     "SPSAOutput",
+    "SUITE_DEFAULTS",
+    "SUITE_SETTINGS",
+    "MemoryStore",
+    "SuitePlan",
+    "Unit",
+    "UnitStore",
+    "assemble",
+    "chunk_seed",
+    "make_plan",
+    "run_units",
     "SuiteResult",
     "adversarial_margin",
     "attack_order",
