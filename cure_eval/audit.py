@@ -33,7 +33,7 @@ DeepFool are deterministic, SPSA seeds each point from ``(seed, dataset index)``
 resumed and single-process audits give the same ``per_sample.csv`` and ``results.json`` (timings aside). Seconds are
 summed over units (over ranks and resumed runs). Under torchrun spell ``--n`` and ``--h`` as ``--n-points`` and
 ``--fd-step``: torchrun's own parser reads ``--n`` and ``--h`` as abbreviations of its options. Details:
-:mod:`cure_eval.audit_state`.
+:mod:`cure_eval.auditing`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,19 @@ from pathlib import Path
 from typing import Any
 
 from .attacks import ATTACKS, check_attack_names, list_attacks
-from .audit_state import STATE_FILE, Shard, close_shard, shard_from_env
+from .auditing import (
+    STATE_FILE,
+    AuditOptions,
+    Shard,
+    audit_labels,
+    audit_model,  # noqa: F401  (re-exported: the name's old home)
+    audit_models,
+    defend_run_checkpoints,
+    format_results_table,
+    latest_defend_run,
+    load_audit_model,
+    process_group,
+)
 from .cli import (
     ArgumentParser,
     add_common_arguments,
@@ -58,16 +70,6 @@ from .cli import (
 from .data import list_datasets
 from .device import resolve_device
 from .errors import UsageError
-from .pipelines.audit import (
-    AuditOptions,
-    audit_labels,
-    audit_model,  # noqa: F401  (re-exported: the name's old home)
-    audit_models,
-    defend_run_checkpoints,
-    format_results_table,
-    latest_defend_run,
-    load_audit_model,
-)
 
 log = logging.getLogger("cure_eval.audit")
 RUNS_DIR = "runs"  #: where defend writes its run folders and audits go by default
@@ -153,13 +155,10 @@ def _main(argv: Sequence[str] | None) -> int:
     attacks = comma_list(args.attacks)
     check_attack_names(attacks or ["(none)"])  # unknown names list the registered ones
     sweep = _parse_sweep(args.eps_sweep)
-    shard = shard_from_env()
-    try:
+    with process_group() as shard:
         if not shard.is_main and not args.verbose:
             logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the story
         return _audit_all(args, attacks, sweep, shard)
-    finally:
-        close_shard(shard)
 
 
 def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) -> int:

@@ -61,6 +61,7 @@ from .units import (
     chunk_seed,
     make_plan,
     run_units,
+    unit_keys,
 )
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "chunk_seed",
     "make_plan",
     "run_units",
+    "unit_keys",
     "SuiteResult",
     "adversarial_margin",
     "attack_order",

@@ -342,31 +342,33 @@ def run_units(
 ) -> None:
     """Run every unit of ``plan`` on the given chunks (default: all) that ``store`` lacks.
 
-    Units run chunk by chunk, each chunk's clean unit first; a unit's record goes into ``store``
-    as soon as it finishes. ``announce``: a logger told of every finished unit. The model runs
+    The clean units run first, then unit by unit over the chunks (a cascade's unit attacks the
+    chunk's points still robust after its earlier units); a unit's record goes into ``store`` as
+    soon as it finishes. ``announce``: a logger told of every finished unit. The model runs
     in eval mode (restored afterwards, also on error) on ``device``."""
     sl = plan.chunks(len(x))
-    todo = range(len(sl)) if chunks is None else chunks
+    todo = list(range(len(sl)) if chunks is None else chunks)
     check_device(model, device)
     with eval_mode(model), torch.enable_grad():  # the gradient attacks need autograd even under no_grad
-        for k in todo:
-            xk, yk, ik = x[sl[k]], y[sl[k]], ids[sl[k]]
+        for k in todo:  # every clean unit first: the attack units of a chunk need its clean record
             key = f"clean/{k}"
             if key not in store:
-                rec = run_clean_unit(plan.context(model, device, progress, k, None), xk, yk, ik)
+                rec = run_clean_unit(plan.context(model, device, progress, k, None), x[sl[k]], y[sl[k]], ids[sl[k]])
                 store.put(key, rec)
                 if announce:
-                    correct = float((rec["clean_pred"] == yk).double().mean())
-                    announce.info("audit unit %s done: %d points, clean accuracy %.4f", key, len(yk), correct)
-            clean = store.get(key)
-            correct_k = clean["clean_pred"] == yk
-            for u, unit in enumerate(plan.units):
+                    correct = float((rec["clean_pred"] == y[sl[k]]).double().mean())
+                    announce.info("audit unit %s done: %d points, clean accuracy %.4f", key, len(rec["points"]),
+                                  correct)
+        for u, unit in enumerate(plan.units):  # then unit by unit, chunk by chunk
+            for k in todo:
                 key = f"{unit.name}/{k}"
                 if key in store:
                     continue
-                target = correct_k
-                if plan.cascade:
-                    target = still_robust(plan, correct_k, yk, [store.get(f"{p.name}/{k}") for p in plan.units[:u]])
+                xk, yk, ik = x[sl[k]], y[sl[k]], ids[sl[k]]
+                clean = store.get(f"clean/{k}")
+                target = clean["clean_pred"] == yk
+                if plan.cascade:  # the chunk's points still robust after its earlier units
+                    target = still_robust(plan, target, yk, [store.get(f"{p.name}/{k}") for p in plan.units[:u]])
                 rec = run_unit(plan.context(model, device, progress, k, unit), unit, xk, yk, ik, clean=clean,
                                target=target, cascade=plan.cascade)
                 store.put(key, rec)
