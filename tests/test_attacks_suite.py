@@ -184,16 +184,15 @@ def test_restores_train_mode(trained_digits_model, points):
 
 
 def test_worst_case_is_per_point(full):
-    worst = full.clean_correct.clone()
+    # The rule is checked on hand-built cases in test_suite_rules.py (a point broken by one attack
+    # only, a PGD point fooled at an earlier iterate); here, on a real run: a worst-case robust
+    # point is robust under every attack, and a PGD success was fooled at its best iterate too.
     for res in full.attacks.values():
-        worst &= res.robust
-    # ... and a PGD point fooled at an earlier iterate of its trajectory counts as broken
-    for res in full.attacks.values():
+        assert not (full.worst_case & ~res.worst_case_robust).any()
         if "best_fooled" in res.extra:
             assert bool((res.extra["best_fooled"][res.success] == 1).all())
-            worst &= ~(res.extra["best_fooled"] == 1)
-    assert torch.equal(full.worst_case, worst)
-    assert full.worst_case_accuracy == pytest.approx(float(worst.float().mean()))
+    assert not (full.worst_case & ~full.clean_correct).any()
+    assert full.worst_case_accuracy == pytest.approx(float(full.worst_case.double().mean()))
     summary = full.summary()
     for name, res in full.attacks.items():
         assert int(full.worst_case.sum()) <= int(res.robust.sum())
@@ -212,14 +211,16 @@ def test_cascade_matches_full_worst_case(trained_digits_model, points, full):
     # same attacks, later ones only on survivors: equal up to PGD's random starts (different
     # subsets draw different starts); SPSA is seeded per point
     assert abs(casc.worst_case_accuracy - full.worst_case_accuracy) <= 2 / n + 1e-9
-    # every attack ran only on the points still robust before it
-    still = casc.clean_correct.clone()
+    # the cascade rule is checked on hand-built cases in test_suite_rules.py (an attack skipped,
+    # a later attack on the survivors only); here, on a real run: no attack touched a point an
+    # earlier one had broken, and the worst case is what survived the last attack
     for name, res in casc.attacks.items():
-        if name not in ("pgd20", "pgd40", "pgd100"):  # the PGD family is one stage
-            assert torch.equal(res.attacked, still), name
-        assert not (res.attacked & ~still).any(), name
-        still = still & (res.worst_case_robust | ~res.attacked)
-    assert torch.equal(still, casc.worst_case)
+        assert not (res.attacked & ~casc.clean_correct).any(), name
+        later = list(casc.attacks)[list(casc.attacks).index(name) + 1:]
+        broken = res.attacked & ~res.worst_case_robust
+        assert all(not (casc.attacks[b].attacked & broken).any() for b in later), name
+    last = casc.attacks[list(casc.attacks)[-1]]
+    assert not (casc.worst_case & ~last.worst_case_robust & last.attacked).any()
     attacked = [int(r.attacked.sum()) for r in casc.attacks.values()]
     assert attacked == sorted(attacked, reverse=True)
     assert sum(attacked) < sum(int(r.attacked.sum()) for r in full.attacks.values())
