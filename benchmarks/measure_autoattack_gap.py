@@ -29,9 +29,8 @@ from torch import nn
 from cure_eval.attacks import autoattack_comparison, run_suite
 from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
-from cure_eval.masking import NoisyInput, QuantizedInput, SaturatedLogits
 from cure_eval.models import NormalizedModel
-from cure_eval.testing import small_cnn, train_plain
+from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain
 
 ATTACKS = "fgsm,pgd7,pgd20,pgd40,pgd100,apgd-ce,apgd-dlr,deepfool_linf,deepfool_l2,spsa,autoattack"
 

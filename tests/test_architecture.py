@@ -145,3 +145,91 @@ def test_clis_are_thin() -> None:
         path = _modules()[name]
         lines = len(path.read_text().splitlines())
         assert lines <= 220, f"{path.name} has {lines} lines: move library code into cure_eval.pipelines"
+
+
+#: The auditing layer: above measurement, below the audit CLI.
+AUDITING = "cure_eval.auditing"
+#: Measurement packages: they never import the auditing layer that drives them.
+MEASUREMENT = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.features",
+               "cure_eval.evaluation")
+#: Re-export modules kept for one release (removed in 0.3): nothing in the library imports them.
+MOVED = {"cure_eval.audit_state", "cure_eval.pipelines.audit", "cure_eval.masking.checks"}
+#: Modules of the audit side that the size rule (~450 lines, ~80 lines per function) covers.
+AUDIT_SIDE = ("cure_eval.auditing", "cure_eval.masking", "cure_eval.attacks.units", "cure_eval.attacks.suite",
+              "cure_eval.attacks.results", "cure_eval.attacks.validity", "cure_eval.attacks.measure",
+              "cure_eval.attacks.sweep", "cure_eval.attacks.trajectory", "cure_eval.audit")
+
+
+def _public_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return {ast.literal_eval(e) for e in node.value.elts}  # type: ignore[attr-defined]
+    raise AssertionError(f"{path} has no __all__")
+
+
+def test_auditing_is_a_layer_above_measurement(graph: dict[str, set[str]]) -> None:
+    assert any(m.startswith(AUDITING + ".") for m in graph), "the auditing package is missing"
+    below = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(MEASUREMENT)
+             for d in deps if d.startswith(AUDITING)}
+    assert not below, f"measurement modules import the auditing layer: {sorted(below)}"
+    up = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(AUDITING)
+          for d in deps if d in TRAINING | CLI_MODULES or d.startswith("cure_eval.pipelines")}
+    assert not up, f"the auditing layer imports training, pipelines or a CLI: {sorted(up)}"
+
+
+def test_the_audit_cli_talks_only_to_auditings_public_api() -> None:
+    public = _public_names(ROOT / "cure_eval" / "auditing" / "__init__.py")
+    tree = ast.parse((ROOT / "cure_eval" / "audit.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and "audit" in node.module:
+            assert node.level == 1 and node.module == "auditing", f"the audit CLI imports {node.module}"
+            names = {a.name for a in node.names}
+            assert names <= public, f"the audit CLI imports non-public names {sorted(names - public)}"
+
+
+def test_moved_modules_are_only_re_exports(graph: dict[str, set[str]]) -> None:
+    users = {f"{m} -> {d}" for m, deps in graph.items() for d in deps & MOVED
+             if m not in MOVED and m != "cure_eval.pipelines.reproduce"}  # training side: moves later
+    assert not users, f"library modules import a moved module (import its new home): {sorted(users)}"
+    for name in MOVED:
+        doc = ast.get_docstring(ast.parse(_modules()[name].read_text())) or ""
+        assert "moved to" in doc.lower() and "removed in 0.3" in doc, name
+
+
+def test_the_library_never_imports_the_testing_module(graph: dict[str, set[str]]) -> None:
+    bad = sorted(m for m, deps in graph.items() if "cure_eval.testing" in deps and m.startswith("cure_eval."))
+    assert not bad, f"library modules import cure_eval.testing: {bad}"
+
+
+def test_the_audit_side_uses_the_one_figure_constructor() -> None:
+    for name, path in _modules().items():
+        if not name.startswith(AUDIT_SIDE + ("cure_eval.geometry", "cure_eval.features")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(m.startswith("matplotlib.pyplot") for m in mods), f"{name} imports pyplot"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "use":
+                assert not (isinstance(node.func.value, ast.Name) and node.func.value.id == "matplotlib"), name
+
+
+def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """A function's lines without its docstring."""
+    lines = fn.end_lineno - fn.lineno + 1  # type: ignore[operator]
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1  # type: ignore[operator]
+    return lines
+
+
+def test_audit_side_modules_and_functions_are_small() -> None:
+    """~450 lines a module and ~80 lines a function (docstrings aside) on the audit side."""
+    for name, path in _modules().items():
+        if not name.startswith(AUDIT_SIDE):
+            continue
+        tree = ast.parse(path.read_text())
+        assert len(path.read_text().splitlines()) <= 450, f"{name} is over 450 lines: split it by concern"
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                assert _code_lines(fn) <= 80, f"{name}.{fn.name} has {_code_lines(fn)} lines"

@@ -28,9 +28,6 @@ from cure_eval.data import get_dataset_spec
 from cure_eval.masking import (
     Finding,
     MaskingReport,
-    NoisyInput,
-    QuantizedInput,
-    SaturatedLogits,
     check_eps_monotone,
     check_gradients,
     check_probability_outputs,
@@ -39,7 +36,7 @@ from cure_eval.masking import (
     run_masking_check,
     still_improving,
 )
-from cure_eval.testing import NoGradient
+from cure_eval.testing import NoGradient, NoisyInput, QuantizedInput, SaturatedLogits
 
 EPS = 32 / 255
 ALPHA = get_dataset_spec("digits").pgd_alpha / 255
@@ -328,3 +325,12 @@ def test_write_doc_scatter_plots(cure_model: nn.Module, trained_digits_model: nn
         report = _check(model, x, y, spsa_iterations=100)
         report.plot_scatter(out / f"masking_scatter_{name}.png")
         print(f"\n{name}: {report.seconds:.1f}s\n{report.format_table()}")
+
+
+def test_the_test_models_old_names_still_resolve_with_a_warning() -> None:
+    import cure_eval.masking as masking
+    import cure_eval.testing as testing
+
+    with pytest.warns(DeprecationWarning, match="moved to cure_eval.testing.NoisyInput"):
+        assert masking.NoisyInput is testing.NoisyInput
+

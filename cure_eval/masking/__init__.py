@@ -53,44 +53,63 @@ missed and FGSM fool 1 (both WARN); counting those would make every honest model
 Fractions are per point and over the *attacked* points (those classified correctly clean), the
 same denominator for every check, so that a FAIL reads "this share of the points we attacked".
 
-Layout: :mod:`~cure_eval.masking.checks` (thresholds, :class:`Finding`, one function per check),
+Layout: :mod:`~cure_eval.masking.findings` (thresholds, :class:`Finding`, statuses),
+:mod:`~cure_eval.masking.verdicts` (the checks over recorded numbers),
+:mod:`~cure_eval.masking.probes` (the checks that run the model),
 :mod:`~cure_eval.masking.report` (:class:`MaskingReport`: verdict, table, scatter, JSON) and
-:mod:`~cure_eval.masking.run` (:func:`run_masking_check`). The models that mask on purpose live in
-:mod:`cure_eval.testing` (re-exported here for old imports).
+:mod:`~cure_eval.masking.run` (:func:`run_masking_check` and :data:`~cure_eval.masking.run.MASKING_CHECKS`,
+the checks as a table); the recorded PGD is :func:`cure_eval.attacks.trajectory.pgd_trajectory`.
+The models that mask on purpose live in :mod:`cure_eval.testing`; their old names here
+(``NoisyInput``, ``QuantizedInput``, ``SaturatedLogits``) still resolve, with a
+``DeprecationWarning``, until 0.3.
 """
 
 from __future__ import annotations
 
-from ..testing import NoisyInput, QuantizedInput, SaturatedLogits
-from .checks import (
-    NEEDED_ATTACKS,
-    Finding,
-    PGDTrajectory,
+import importlib
+import warnings
+from typing import Any
+
+from ..attacks.trajectory import PGDTrajectory, pgd_trajectory
+from .findings import NEEDED_ATTACKS, Finding
+from .probes import (
+    check_gradients,
+    check_probability_outputs,
+    check_randomised_forward,
+    random_noise_fooled,
+)
+from .report import MaskingReport
+from .run import MASKING_CHECKS, run_masking_check
+from .verdicts import (
     check_eps_monotone,
     check_fgsm_vs_pgd,
-    check_gradients,
     check_pgd_convergence,
-    check_probability_outputs,
     check_random_noise,
-    check_randomised_forward,
     check_spsa_vs_pgd,
     check_suite_vs_autoattack,
     check_unbounded,
-    pgd_trajectory,
-    random_noise_fooled,
     still_improving,
 )
-from .report import MaskingReport
-from .run import run_masking_check
+
+#: The masking-on-purpose test models' old home (removed in 0.3): import them from cure_eval.testing.
+_MOVED_TO_TESTING = ("NoisyInput", "QuantizedInput", "SaturatedLogits")
+
+
+def __getattr__(name: str) -> Any:
+    """The test models' old names, forwarded to :mod:`cure_eval.testing` with a warning (the
+    library itself never imports that module)."""
+    if name in _MOVED_TO_TESTING:
+        warnings.warn(f"cure_eval.masking.{name} moved to cure_eval.testing.{name}; the old name is removed in 0.3",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("cure_eval.testing"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Finding",
+    "MASKING_CHECKS",
     "MaskingReport",
     "NEEDED_ATTACKS",
-    "NoisyInput",
     "PGDTrajectory",
-    "QuantizedInput",
-    "SaturatedLogits",
     "check_eps_monotone",
     "check_fgsm_vs_pgd",
     "check_gradients",

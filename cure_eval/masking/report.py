@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import save_figure, to_jsonable
-from .checks import Finding, Verdict, _json_float
+from ..io import new_figure, save_figure, to_jsonable
+from .findings import Finding, Verdict, json_float
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class MaskingReport:
             "warned": [f.name for f in self.warned],
             "eps": self.eps,
             "n": self.n,
-            "clean_accuracy": _json_float(self.clean_accuracy),
+            "clean_accuracy": json_float(self.clean_accuracy),
             "tolerance": self.tolerance,
             "settings": to_jsonable(self.settings),
             "seconds": self.seconds,
@@ -90,19 +90,15 @@ class MaskingReport:
 
         Only attacked (clean-correct) points are drawn. The line y = x and the zero lines are
         marked; points where SPSA's loss is lower than PGD's by more than the tolerance are red.
-        Written as a PNG (Agg canvas, no global pyplot state); returns the path.
+        Written as a PNG (:func:`cure_eval.io.new_figure`: no global pyplot state); returns the path.
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         path = Path(path)
         mask = self.clean_correct & torch.isfinite(self.pgd_margin) & torch.isfinite(self.spsa_margin)
         px = self.pgd_margin[mask].double().numpy()
         sy = self.spsa_margin[mask].double().numpy()
         cm = self.clean_margin[mask].double().numpy()
         red = sy < px - self.tolerance * np.abs(cm)
-        fig = Figure(figsize=(5.2, 5.0), dpi=120)
-        FigureCanvasAgg(fig)
+        fig = new_figure(5.2, 5.0, dpi=120)
         ax = fig.add_subplot(1, 1, 1)
         if len(px):
             lo = float(min(px.min(), sy.min()))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..attacks import AttackResult, SuiteResult, eps_sweep, get_attack, run_suite
 from ..attacks.base import require_input_gradients
+from ..attacks.trajectory import pgd_trajectory
 from ..data import select_points
 from ..errors import UsageError
 from ..modes import check_device, preserved_mode
-from .checks import (
+from .findings import (
     EPS_SWEEP_FACTORS,
     EPS_SWEEP_STEPS,
     NEEDED_ATTACKS,
@@ -23,21 +26,24 @@ from .checks import (
     UNBOUNDED_STEPS,
     Finding,
     Verdict,
+)
+from .probes import (
+    check_gradients,
+    check_probability_outputs,
+    check_randomised_forward,
+    random_noise_fooled,
+)
+from .report import MaskingReport
+from .verdicts import (
     check_eps_monotone,
     check_fgsm_vs_pgd,
-    check_gradients,
     check_pgd_convergence,
-    check_probability_outputs,
     check_random_noise,
-    check_randomised_forward,
     check_spsa_vs_pgd,
     check_suite_vs_autoattack,
     check_unbounded,
-    pgd_trajectory,
-    random_noise_fooled,
     still_improving,
 )
-from .report import MaskingReport
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +116,7 @@ def run_masking_check(
     """
     start = time.perf_counter()
     dev = torch.device(device)
-    if not torch.is_floating_point(x) or x.ndim < 2 or len(x) == 0:
-        raise UsageError(f"x must be a non-empty float batch (N, ...), got {x.dtype} {tuple(x.shape)}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise UsageError(f"y must be labels of shape ({len(x)},), got {tuple(y.shape)}")
-    if not 0.0 < eps <= 1.0:
-        raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
-    if spsa_iterations < 1:
-        raise UsageError(f"the masking check needs SPSA: spsa_iterations must be >= 1, got {spsa_iterations}")
-    if tolerance < 0:
-        raise UsageError(f"tolerance must be >= 0, got {tolerance}")
+    _check_args(x, y, eps=eps, spsa_iterations=spsa_iterations, tolerance=tolerance)
     x = x.detach().cpu()
     y = y.detach().cpu().long()
     reuse = _reusable(suite, x, y, eps)
@@ -131,97 +128,190 @@ def run_masking_check(
     require_input_gradients(model, x[:2].to(dev))  # PGD, FGSM and the gradient checks need them
     with preserved_mode(model):
         missing = [a for a in NEEDED_ATTACKS if a not in reuse]
-        results: dict[str, AttackResult] = {}
-        if reuse:
-            assert suite is not None
-            log.info("masking check: reusing %s from the given suite", ", ".join(reuse))
-            results.update({a: _subset(suite.attacks[a], points) for a in reuse})
-            clean_margin = suite.clean_margin[points]
-        if missing:
-            log.info("masking check: running %s on %d points", ", ".join(missing), len(x))
-            own = run_suite(model, x, y, eps=eps, device=dev, attacks=missing, batch_size=batch_size,
-                            seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
-                            indices=indices, progress=progress)
-            results.update(own.attacks)
-            if not reuse:
-                clean_margin = own.clean_margin
+        results, clean_margin = _attack_results(model, x, y, suite, reuse, missing, points, indices, eps=eps,
+                                                device=dev, seed=seed, pgd_alpha=pgd_alpha,
+                                                spsa_iterations=spsa_iterations, batch_size=batch_size,
+                                                progress=progress)
         # Points every attack attacked (= clean-correct; a randomised model may disagree with itself).
         attacked = torch.ones(len(x), dtype=torch.bool)
         for a in NEEDED_ATTACKS:
             attacked &= results[a].attacked
-        pgd100, pgd40, fgsm, spsa = (results[a] for a in ("pgd100", "pgd40", "fgsm", "spsa"))
-        pgd_fooled = pgd100.success
-        nan = torch.full((len(x),), math.nan)
-        pgd_margin = torch.where(attacked, pgd100.margin.float(), nan)
-        spsa_margin = torch.where(attacked, spsa.margin.float(), nan)
-        findings: list[Finding] = []
-        findings.append(check_spsa_vs_pgd(pgd_margin=pgd100.margin.float(), spsa_margin=spsa.margin.float(),
-                                          clean_margin=clean_margin.float(), attacked=attacked,
-                                          tolerance=tolerance))
-        findings.append(check_fgsm_vs_pgd(fgsm_fooled=fgsm.success, pgd_fooled=pgd_fooled,
-                                          attacked=attacked))
-
-        # ε sweep: PGD(20) with a step that can cross each radius.
-        eps_list = sorted({min(1.0, f * eps) for f in EPS_SWEEP_FACTORS})
-        accs: list[float] = []
-        for e in eps_list:
-            sw = eps_sweep(model, x, y, [e], device=dev, steps=EPS_SWEEP_STEPS,
-                           alpha=max(pgd_alpha, 2.5 * e / EPS_SWEEP_STEPS), batch_size=batch_size,
-                           seed=seed, progress=progress)
-            accs.append(sw.robust_accuracy[0])
-        findings.append(check_eps_monotone(eps=eps_list, robust_accuracy=accs, n=len(x)))
-
-        idx = attacked.nonzero().flatten()
-        xa, ya = x[idx], y[idx]
-        unb = pgd_trajectory(model, xa, ya, eps=1.0, alpha=max(pgd_alpha, 2.5 / UNBOUNDED_STEPS),
-                             steps=UNBOUNDED_STEPS, device=dev, seed=seed, random_start=False,
-                             early_stop=True, batch_size=batch_size, progress=progress)
-        unb_robust = torch.zeros(len(x), dtype=torch.bool)
-        unb_robust[idx] = ~unb.fooled.any(dim=1)
-        findings.append(check_unbounded(robust=unb_robust, attacked=attacked))
-
-        noise = torch.zeros(len(x), dtype=torch.bool)
-        noise[idx] = random_noise_fooled(model, xa, ya, eps=eps, device=dev, seed=seed,
-                                         batch_size=batch_size)
-        findings.append(check_random_noise(noise_fooled=noise, pgd_fooled=pgd_fooled, attacked=attacked))
-
-        findings.append(check_gradients(model, xa, ya, device=dev, eps=eps, seed=seed,
-                                        batch_size=batch_size))
-        findings.append(check_randomised_forward(model, x, device=dev, batch_size=batch_size))
-        findings.append(check_probability_outputs(model, x, device=dev, batch_size=batch_size))
-
-        # Convergence: a fresh PGD(100) trajectory of the points PGD(100) did not fool.
-        surv = (attacked & ~pgd_fooled).nonzero().flatten()
-        improving = torch.zeros(len(x), dtype=torch.bool)
-        restart_fooled = 0
-        if len(surv):
-            tr = pgd_trajectory(model, x[surv], y[surv], eps=eps, alpha=pgd_alpha, steps=100,
-                                device=dev, seed=seed + 1, batch_size=batch_size, progress=progress)
-            survived = ~tr.fooled.any(dim=1)
-            improving[surv] = still_improving(tr.loss) & survived
-            restart_fooled = int((~survived).sum())
-        conv = check_pgd_convergence(pgd40_fooled=pgd40.success, pgd100_fooled=pgd_fooled,
-                                     improving=improving, attacked=attacked)
-        conv.details["restart_fooled"] = restart_fooled
-        conv.details["restart_points"] = len(surv)
-        findings.append(conv)
+        run = MaskingRun(model=model, x=x, y=y, eps=eps, device=dev, seed=seed, pgd_alpha=pgd_alpha,
+                         batch_size=batch_size, progress=progress, tolerance=tolerance, results=results,
+                         clean_margin=clean_margin, attacked=attacked)
+        findings = [check(run) for _, check in MASKING_CHECKS]
         if suite is not None and reuse:
             findings.extend(_autoattack_findings(suite, points, attacked))
 
     verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
     settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
                 "batch_size": batch_size, "reused_from_suite": reuse, "ran": missing,
-                "eps_sweep": eps_list, "noise_draws": NOISE_DRAWS,
+                "eps_sweep": run.eps_list, "noise_draws": NOISE_DRAWS,
                 "unbounded_steps": UNBOUNDED_STEPS, "indices": indices.tolist()}
+    nan = torch.full((len(x),), math.nan)
     report = MaskingReport(
         verdict=verdict, findings=findings, eps=float(eps), n=len(x),
         clean_accuracy=float(attacked.double().mean()), clean_correct=attacked,
-        clean_margin=clean_margin.float(), pgd_margin=pgd_margin, spsa_margin=spsa_margin,
+        clean_margin=clean_margin.float(), pgd_margin=torch.where(attacked, results["pgd100"].margin.float(), nan),
+        spsa_margin=torch.where(attacked, results["spsa"].margin.float(), nan),
         tolerance=tolerance, settings=settings, seconds=time.perf_counter() - start,
     )
     log.info("masking check: %s (%s) in %.1fs", verdict,
              ", ".join(f"{f.name}={f.status}" for f in findings), report.seconds)
     return report
+
+
+def _check_args(x: torch.Tensor, y: torch.Tensor, *, eps: float, spsa_iterations: int, tolerance: float) -> None:
+    if not torch.is_floating_point(x) or x.ndim < 2 or len(x) == 0:
+        raise UsageError(f"x must be a non-empty float batch (N, ...), got {x.dtype} {tuple(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UsageError(f"y must be labels of shape ({len(x)},), got {tuple(y.shape)}")
+    if not 0.0 < eps <= 1.0:
+        raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
+    if spsa_iterations < 1:
+        raise UsageError(f"the masking check needs SPSA: spsa_iterations must be >= 1, got {spsa_iterations}")
+    if tolerance < 0:
+        raise UsageError(f"tolerance must be >= 0, got {tolerance}")
+
+
+def _attack_results(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: SuiteResult | None, reuse: list[str],
+    missing: list[str], points: torch.Tensor, indices: torch.Tensor, *, eps: float, device: torch.device,
+    seed: int, pgd_alpha: float, spsa_iterations: int, batch_size: int, progress: bool,
+) -> tuple[dict[str, AttackResult], torch.Tensor]:
+    """The :data:`NEEDED_ATTACKS`' results on the points, reused from ``suite`` or run; the clean margins."""
+    results: dict[str, AttackResult] = {}
+    clean_margin = torch.zeros(0)
+    if reuse:
+        assert suite is not None
+        log.info("masking check: reusing %s from the given suite", ", ".join(reuse))
+        results.update({a: _subset(suite.attacks[a], points) for a in reuse})
+        clean_margin = suite.clean_margin[points]
+    if missing:
+        log.info("masking check: running %s on %d points", ", ".join(missing), len(x))
+        own = run_suite(model, x, y, eps=eps, device=device, attacks=missing, batch_size=batch_size,
+                        seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
+                        indices=indices, progress=progress)
+        results.update(own.attacks)
+        if not reuse:
+            clean_margin = own.clean_margin
+    return results, clean_margin
+
+
+# --------------------------------------------------------------------------------------------
+# The checks, as a table: each reads the run and returns its finding.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MaskingRun:
+    """What every check may read: the model, the checked points, the attacks' results on them."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    eps: float
+    device: torch.device
+    seed: int
+    pgd_alpha: float
+    batch_size: int
+    progress: bool
+    tolerance: float
+    results: dict[str, AttackResult]
+    clean_margin: torch.Tensor
+    attacked: torch.Tensor
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self.attacked.nonzero().flatten()
+
+    @property
+    def pgd_fooled(self) -> torch.Tensor:
+        return self.results["pgd100"].success
+
+    @property
+    def eps_list(self) -> list[float]:
+        """The ε sweep's radii: :data:`EPS_SWEEP_FACTORS` × ε, at most 1."""
+        return sorted({min(1.0, f * self.eps) for f in EPS_SWEEP_FACTORS})
+
+
+def _spsa_vs_pgd(r: MaskingRun) -> Finding:
+    return check_spsa_vs_pgd(pgd_margin=r.results["pgd100"].margin.float(), spsa_margin=r.results["spsa"].margin.float(),
+                             clean_margin=r.clean_margin.float(), attacked=r.attacked, tolerance=r.tolerance)
+
+
+def _fgsm_vs_pgd(r: MaskingRun) -> Finding:
+    return check_fgsm_vs_pgd(fgsm_fooled=r.results["fgsm"].success, pgd_fooled=r.pgd_fooled, attacked=r.attacked)
+
+
+def _eps_monotone(r: MaskingRun) -> Finding:
+    """ε sweep: PGD(20) with a step that can cross each radius."""
+    accs: list[float] = []
+    for e in r.eps_list:
+        sw = eps_sweep(r.model, r.x, r.y, [e], device=r.device, steps=EPS_SWEEP_STEPS,
+                       alpha=max(r.pgd_alpha, 2.5 * e / EPS_SWEEP_STEPS), batch_size=r.batch_size,
+                       seed=r.seed, progress=r.progress)
+        accs.append(sw.robust_accuracy[0])
+    return check_eps_monotone(eps=r.eps_list, robust_accuracy=accs, n=len(r.x))
+
+
+def _unbounded(r: MaskingRun) -> Finding:
+    unb = pgd_trajectory(r.model, r.x[r.idx], r.y[r.idx], eps=1.0, alpha=max(r.pgd_alpha, 2.5 / UNBOUNDED_STEPS),
+                         steps=UNBOUNDED_STEPS, device=r.device, seed=r.seed, random_start=False,
+                         early_stop=True, batch_size=r.batch_size, progress=r.progress)
+    robust = torch.zeros(len(r.x), dtype=torch.bool)
+    robust[r.idx] = ~unb.fooled.any(dim=1)
+    return check_unbounded(robust=robust, attacked=r.attacked)
+
+
+def _random_noise(r: MaskingRun) -> Finding:
+    noise = torch.zeros(len(r.x), dtype=torch.bool)
+    noise[r.idx] = random_noise_fooled(r.model, r.x[r.idx], r.y[r.idx], eps=r.eps, device=r.device, seed=r.seed,
+                                       batch_size=r.batch_size)
+    return check_random_noise(noise_fooled=noise, pgd_fooled=r.pgd_fooled, attacked=r.attacked)
+
+
+def _gradients(r: MaskingRun) -> Finding:
+    return check_gradients(r.model, r.x[r.idx], r.y[r.idx], device=r.device, eps=r.eps, seed=r.seed,
+                           batch_size=r.batch_size)
+
+
+def _randomised_forward(r: MaskingRun) -> Finding:
+    return check_randomised_forward(r.model, r.x, device=r.device, batch_size=r.batch_size)
+
+
+def _probability_outputs(r: MaskingRun) -> Finding:
+    return check_probability_outputs(r.model, r.x, device=r.device, batch_size=r.batch_size)
+
+
+def _convergence(r: MaskingRun) -> Finding:
+    """A fresh PGD(100) trajectory of the points PGD(100) did not fool: still improving?"""
+    surv = (r.attacked & ~r.pgd_fooled).nonzero().flatten()
+    improving = torch.zeros(len(r.x), dtype=torch.bool)
+    restart_fooled = 0
+    if len(surv):
+        tr = pgd_trajectory(r.model, r.x[surv], r.y[surv], eps=r.eps, alpha=r.pgd_alpha, steps=100,
+                            device=r.device, seed=r.seed + 1, batch_size=r.batch_size, progress=r.progress)
+        survived = ~tr.fooled.any(dim=1)
+        improving[surv] = still_improving(tr.loss) & survived
+        restart_fooled = int((~survived).sum())
+    conv = check_pgd_convergence(pgd40_fooled=r.results["pgd40"].success, pgd100_fooled=r.pgd_fooled,
+                                 improving=improving, attacked=r.attacked)
+    conv.details["restart_fooled"] = restart_fooled
+    conv.details["restart_points"] = len(surv)
+    return conv
+
+
+#: The checks, in report order (the AutoAttack comparison follows when the suite ran AutoAttack).
+MASKING_CHECKS: tuple[tuple[str, Callable[[MaskingRun], Finding]], ...] = (
+    ("spsa_vs_pgd", _spsa_vs_pgd),
+    ("fgsm_vs_pgd", _fgsm_vs_pgd),
+    ("eps_monotone", _eps_monotone),
+    ("unbounded", _unbounded),
+    ("random_noise", _random_noise),
+    ("gradients", _gradients),
+    ("randomised_forward", _randomised_forward),
+    ("probability_outputs", _probability_outputs),
+    ("convergence", _convergence),
+)
 
 
 def _autoattack_findings(suite: SuiteResult, points: torch.Tensor, attacked: torch.Tensor) -> list[Finding]:
