@@ -331,6 +331,8 @@ def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, i
         attacks[attack.name] = {**{c: getattr(res, c) for c in COLUMNS}, "extra": res.extra,
                                 "seconds": res.seconds, "x_adv": res.x_adv}
     family = max((o.seconds for o in outputs.values()), default=0.0) if unit.attacks[0].family else 0.0
+    # The one place a unit's record is made: a new per-unit measurement is a new key here, a new
+    # per-point one a new column of ``attacks[name]`` (or of its ``extra``, which assemble keeps).
     return {"points": ids.tolist(), "seconds": time.perf_counter() - t0, "pgd_family_seconds": family,
             "attacks": attacks}
 
