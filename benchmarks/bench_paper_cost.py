@@ -13,7 +13,7 @@ plugin registry, side by side, and reports
   aten operator that runs (so the double backward of CURE and every PGD iteration count), and
   their ratio to ``standard``. (``FlopCounterMode`` itself cannot be used: its module tracker's
   backward hooks break ``torch.autograd.grad`` with respect to inputs, which CURE and PGD call.)
-* an estimate of the GPU wall time per epoch and of each `defend` command in the README
+* an estimate of the GPU wall time per epoch and of each `defend` command in docs/gpu.md
   (normal model + method), from the FLOP count and an assumed sustained throughput
   ``--gpu-tflops`` (default 25 TFLOP/s: an A100-class GPU in TF32, PyTorch's default for
   convolutions, at ≈ 16 % of its 156 TFLOP/s peak, a typical fraction for batch-128 CIFAR-size
@@ -48,7 +48,7 @@ TRAIN_SIZE = {"cifar10": 50_000, "svhn": 73_257}
 #: (dataset, model alias, label) of the paper's settings
 SETTINGS = [("cifar10", "resnet18", "CIFAR-10 ResNet-18"), ("cifar10", "wide_resnet", "CIFAR-10 WRN-28-10"),
             ("svhn", "resnet18", "SVHN ResNet-18")]
-#: (method, preset) as the README's GPU commands run them
+#: (method, preset) as the GPU commands of docs/gpu.md run them
 RECIPES = [("standard", None), ("cure", "paper"), ("pgd_at", None)]
 
 

@@ -4,7 +4,7 @@
 
 Everything runs offline and needs only what the project installs. In order:
 
-1. ``defend`` — the README's default command (``--model wide_resnet --method cure``, digits) on
+1. ``defend`` — the README's main command (``--model wide_resnet --method cure``, digits) on
    ``--device``, wall time of the whole command;
 2. ``audit`` — that run's normal and CURE models side by side with ``--masking-check --geometry``;
 3. ``steps`` — one optimisation step of ``standard``, ``cure --preset paper`` and ``pgd_at``
@@ -13,7 +13,7 @@ Everything runs offline and needs only what the project installs. In order:
 4. ``epoch`` — a full-size synthetic CIFAR-10 (50 000 + 10 000 random images written in
    torchvision's on-disk format) and one epoch of ``standard`` and of ``cure --preset paper``
    (ResNet-18) through the real ``defend`` command, read from its ``metrics.jsonl``;
-5. a table: the README's GPU estimates (normal model + method, hours) next to the same runs
+5. a table: the GPU estimates of docs/gpu.md (normal model + method, hours) next to the same runs
    projected from the measured step times (epochs × steps per epoch × median step).
 
 ``--smoke`` runs every stage at a tiny size (a few images, batch 2, one step) so that the test suite
@@ -50,12 +50,12 @@ from cure_eval.synthetic import write_cifar10  # noqa: E402
 
 #: training-set sizes of the paper's data sets
 TRAIN_SIZE = {"cifar10": 50_000, "svhn": 73_257}
-#: (method, preset, epochs of the method) as the README's GPU commands run them
+#: (method, preset, epochs of the method) as the GPU commands of docs/gpu.md run them
 RECIPES = [("standard", None, 100), ("cure", "paper", 20), ("pgd_at", None, 100)]
-#: the README's table "What the paper reports ... and what the runs cost": estimated hours on one
+#: the table "What the paper reports ... and what the runs cost" of docs/gpu.md: estimated hours on one
 #: GPU for (setting, method) = normal model (100 epochs) + method. tests/test_gpu_check.py checks
-#: that these are the README's numbers.
-README_ESTIMATE_H = {
+#: that these are the numbers of docs/gpu.md.
+DOC_ESTIMATE_H = {
     ("CIFAR-10 ResNet-18", "cure"): 0.4, ("CIFAR-10 ResNet-18", "pgd_at"): 1.6,
     ("CIFAR-10 WRN-28-10", "cure"): 3.5, ("CIFAR-10 WRN-28-10", "pgd_at"): 15.0,
     ("SVHN ResNet-18", "cure"): 0.55, ("SVHN ResNet-18", "pgd_at"): 2.4,
@@ -166,9 +166,9 @@ def stage_epoch(out: Path, device: str, smoke: bool) -> dict[str, Any]:
 
 
 def projection(steps: dict[str, dict[str, float]], batch: int) -> list[dict[str, Any]]:
-    """Hours of each README command (normal model + method) from the measured step times."""
+    """Hours of each documented GPU command (normal model + method) from the measured step times."""
     rows = []
-    for (setting, method), estimate in README_ESTIMATE_H.items():
+    for (setting, method), estimate in DOC_ESTIMATE_H.items():
         dataset, alias = SETTINGS[setting]
         per_epoch = TRAIN_SIZE[dataset] // batch
         epochs = {name: e for name, _, e in RECIPES}
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                        tablefmt="github"))
         print(tabulate([[r["setting"], r["method"], f"{r['estimate_h']:g}", f"{r['measured_h']:.2f}", f"{r['ratio']:.2f}"]
                         for r in report["projection"]],
-                       headers=["setting", "method", "README estimate (h)", "from measured steps (h)", "measured / estimate"],
+                       headers=["setting", "method", "docs/gpu.md estimate (h)", "from measured steps (h)", "measured / estimate"],
                        tablefmt="github"))
     if "epoch" in report:
         e = report["epoch"]

@@ -2,7 +2,7 @@
 
 By default libgomp's idle worker threads spin for a while after each parallel region. Two torch
 processes on a small machine then spin against each other: on a 2-core CPU two ``defend`` runs side
-by side took 3.5× the time of one (README, "Several jobs on one machine"). ``OMP_WAIT_POLICY`` is
+by side took 3.5× the time of one (docs/gpu.md, "Several jobs on one CPU"). ``OMP_WAIT_POLICY`` is
 read once, when torch loads libgomp, so it must be in the environment before ``import torch``;
 ``python -m cure_eval.defend`` imports this package (and torch) before the CLI module runs, hence
 this hook in ``cure_eval/__init__.py``. It acts only when the process *is* one of our CLIs and the

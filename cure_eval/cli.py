@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .errors import CureEvalError, UsageError
 
@@ -72,8 +73,40 @@ def comma_list(text: str | None) -> list[str]:
     return [v.strip() for v in (text or "").split(",") if v.strip()]
 
 
-def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run ``body(argv)``; turn known errors into one line on stderr and an exit code."""
+#: A parameter named in a library message: ```name``` or ```name=value``` (errors.py's convention).
+_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The parser's options by destination (``data_dir`` → the ``--data-dir`` action)."""
+    return {a.dest: a for a in parser._actions if a.option_strings}
+
+
+def speak_cli(message: str, parser: argparse.ArgumentParser, aliases: Mapping[str, str] = {}) -> str:  # noqa: B006
+    """Turn the Python parameters a library message names (```data_dir```, ```download=True```)
+    into this CLI's flags (``--data-dir``, ``--download``). ``aliases`` maps a library parameter
+    to a parser destination where the two names differ (``n_points`` → ``features_n``). A name
+    with no flag is left as written."""
+    actions = flag_names(parser)
+
+    def one(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        action = actions.get(aliases.get(name, name))
+        if action is None:
+            return m.group(0)
+        flag = max(action.option_strings, key=len)
+        if value is None or (action.nargs == 0 and value in ("True", "False")):
+            return flag
+        return f"{flag} {value}"
+
+    return _PARAM.sub(one, message)
+
+
+def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None, *,
+            parser: Callable[[], argparse.ArgumentParser] | None = None,
+            aliases: Mapping[str, str] = {}) -> int:  # noqa: B006
+    """Run ``body(argv)``; turn known errors into one line on stderr and an exit code. With
+    ``parser`` (the CLI's parser factory), the parameters a library message names become flags."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
@@ -81,7 +114,8 @@ def run_cli(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     except CureEvalError as exc:
         if debug:
             raise
-        sys.stderr.write(f"error: {exc}\n")
+        message = str(exc) if parser is None else speak_cli(str(exc), parser(), aliases)
+        sys.stderr.write(f"error: {message}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -125,7 +125,7 @@ def _format_help(p: ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, argv)
+    return run_cli(_main, argv, parser=build_parser)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -1,4 +1,9 @@
-"""Errors that the command-line tools turn into a one-line message and an exit code."""
+"""Errors that the command-line tools turn into a one-line message and an exit code.
+
+A message speaks the vocabulary of its caller: library code names the Python parameter in
+backticks (```data_dir```, ```download=True```), never a command-line flag; each CLI turns the
+names it has flags for into those flags (``cli.speak_cli``: ``--data-dir``, ``--download``).
+"""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, argv)
+    return run_cli(_main, argv, parser=build_parser)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -147,7 +147,7 @@ class WCILRPolicy:
         max_decays: at most this many decays (default 2).
         warmup: epochs ``1..warmup`` never count as rises (default 0). From a random
             initialisation WCI rises for the first few epochs as the weights grow, which the plain
-            rule reads as overfitting (on digits it cut the LR after epochs 3 and 5: README).
+            rule reads as overfitting (on digits it cut the LR after epochs 3 and 5: docs/wci.md).
         last: the previous epoch's WCI (None before the first epoch).
         rises: current run of consecutive rises.
         decay_epochs: 1-based epochs after which the LR was decayed.

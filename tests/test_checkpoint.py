@@ -104,3 +104,24 @@ def test_crafted_pickle_is_refused_and_runs_no_code(tmp_path: Path) -> None:
         pickle.load(fh)
     assert marker.exists()
     os.unlink(marker)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """A checkpoint, a train state and a results file get the mode a plain ``open()`` would give."""
+    from cure_eval.checkpoint import save_train_state
+    from cure_eval.io import write_json_atomic
+
+    old = os.umask(umask)
+    try:
+        path, _ = _saved(tmp_path)
+        save_train_state(tmp_path / "train_state.pt", {"epoch": 1})
+        write_json_atomic(tmp_path / "results.json", {"n": 1})
+        with open(tmp_path / "plain.txt", "w") as fh:  # the reference: what open() gives
+            fh.write("x")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    for name in (path.name, "train_state.pt", "results.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

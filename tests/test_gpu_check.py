@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check.py`` end to end at its smoke size on the CPU, and its README estimates."""
+"""``benchmarks/gpu_check.py`` end to end at its smoke size on the CPU, and its estimates (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path: Path) -> None:
         assert all(v > 0 for v in report["steps"][alias].values())
     assert len(report["projection"]) == 6 and all(r["measured_h"] > 0 for r in report["projection"])
     assert all(v > 0 for v in report["epoch"]["epoch_seconds"].values())
-    assert "SMOKE SIZE" in res.stdout and "README estimate (h)" in res.stdout  # the table, on stdout
+    assert "SMOKE SIZE" in res.stdout and "docs/gpu.md estimate (h)" in res.stdout  # the table, on stdout
     assert not (out / "cifar10_synthetic").exists()  # the random data is cleaned up
 
 
-def test_readme_estimates_in_the_script_are_the_readmes() -> None:
+def test_the_estimates_in_the_script_are_those_of_docs_gpu_md() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu_check
     finally:
         sys.path.pop(0)
-    readme = (ROOT / "README.md").read_text()
-    for (setting, method), hours in gpu_check.README_ESTIMATE_H.items():
-        row = next(line for line in readme.splitlines()
+    doc = (ROOT / "docs" / "gpu.md").read_text(encoding="utf-8")
+    for (setting, method), hours in gpu_check.DOC_ESTIMATE_H.items():
+        row = next(line for line in doc.splitlines()
                    if line.startswith(f"| {setting} | `{method}") and "**" in line)
         assert float(re.findall(r"\*\*([\d.]+) h\*\*", row)[0]) == hours, row

@@ -1,6 +1,6 @@
-"""The README's GPU commands for the paper's settings start and run real steps on the CPU.
+"""The documented GPU commands for the paper's settings start and run real steps on the CPU.
 
-Each command is read from the README's "The paper's setting on a GPU" block and run unchanged,
+Each command is read from the "The paper's setting on a GPU" block of docs/gpu.md and run unchanged,
 with smoke-test flags appended (argparse keeps the last value): two training images of a tiny
 data set in torchvision's on-disk format, batch 2, one epoch of the normal model and one of the
 method, one evaluation point. The models are the full-size ResNet-18 and WRN-28-10."""
@@ -19,16 +19,16 @@ from cure_eval.defend import main
 from cure_eval.io import read_jsonl
 from cure_eval.synthetic import write_cifar10, write_svhn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GPU_DOC = Path(__file__).resolve().parents[1] / "docs" / "gpu.md"
 SMOKE = ["--train-n", "2", "--batch-size", "2", "--pretrain-batch-size", "2", "--epochs", "1",
          "--pretrain-epochs", "1", "--eval-n", "1", "--device", "cpu", "--no-progress"]
 
 
 def documented_gpu_commands() -> list[list[str]]:
-    text = README.read_text()
-    section = text[text.index("### The paper's setting on a GPU"):]
+    text = GPU_DOC.read_text(encoding="utf-8")
+    section = text[text.index("## The paper's setting on a GPU"):]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block is not None, "no bash block in the README's GPU section"
+    assert block is not None, "no bash block in the GPU section of docs/gpu.md"
     cmds = []
     for line in block.group(1).splitlines():
         line = line.split("#", 1)[0].strip()
@@ -46,7 +46,7 @@ def _flag(argv: list[str], name: str) -> str:
 COMMANDS = documented_gpu_commands()
 
 
-def test_the_readme_documents_cure_and_pgd_at_for_each_paper_setting() -> None:
+def test_the_docs_document_cure_and_pgd_at_for_each_paper_setting() -> None:
     settings = {(_flag(c, "--dataset"), _flag(c, "--model"), _flag(c, "--method")) for c in COMMANDS}
     assert settings == {(d, m, meth) for d, m in [("cifar10", "resnet18"), ("cifar10", "wide_resnet"), ("svhn", "resnet18")]
                         for meth in ("cure", "pgd_at")}

@@ -21,7 +21,7 @@ def test_tiny_reproduction_writes_the_report(tmp_path: Path) -> None:
     assert res["methods"] == ["standard", "cure", "pgd_at"]
     for name in res["methods"]:
         a = res["audits"][name]
-        assert set(a["attacks"]) >= {"fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "deepfool_linf", "spsa"}
+        assert set(a["attacks"]) >= {"fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf", "spsa"}
         assert a["masking"]["verdict"] in ("pass", "suspect")
         assert len(a["geometry"]["top_eigenvalues"]) > 0
         assert (out / "audit" / name / "per_sample.csv").is_file()

@@ -5,7 +5,7 @@ authors' code), ℓ∞, untargeted, random start.
 
 Why they are in the suite: on the default digits models the suite's fixed-step PGD (sign steps of
 4/255) left 9 of about 195 points robust that AutoAttack broke, almost all with its first
-sub-attack, APGD-CE (README, "AutoAttack, RobustBench and how the suite compares"). APGD's
+sub-attack, APGD-CE (docs/audit.md, "AutoAttack and how the suite compares"). APGD's
 step-size schedule (halved at checkpoints when the loss stalls, restarts from the best point) and
 momentum are what PGD lacks; the DLR loss, ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3)``, is
 invariant to shifting and rescaling the logits, so it does not saturate where the cross-entropy

@@ -33,7 +33,7 @@ DEFAULT_METHODS = ("cure", "adv_finetune", "pgd_at")
 SWEEPS: dict[str, list[float]] = {
     "digits": [0, 8, 16, 24, 32, 48, 64], "cifar10": [0, 2, 4, 6, 8, 10], "svhn": [0, 4, 8, 12, 16],
 }
-TABLE_ATTACKS = ("fgsm", "deepfool_linf", "pgd7", "pgd20", "pgd40", "pgd100", "spsa")
+TABLE_ATTACKS = ("fgsm", "deepfool_linf", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "spsa")
 #: Audit points on digits. SPSA (100 Adam steps × 128 model calls per still-robust point)
 #: dominates the audit: on all 360 test digits it took 320 s for the normal WRN-16-4 and 540 s
 #: for CURE on a 2-core CPU; with 200 points the whole reproduction took 29.2 min, too close to
