@@ -139,7 +139,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_main, argv, parser=build_parser)
+    return run_cli(_main, argv, parser=build_parser, aliases={"layers": "features_layers"})
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -110,7 +110,7 @@ def _parse_meta(meta: dict[str, str], p: Path) -> CheckpointInfo:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise CureEvalError(
-            f"{p} has no valid cure_eval metadata ({exc}): load raw weights with --model NAME --weights FILE"
+            f"{p} has no valid cure_eval metadata ({exc}): load raw weights as a `model` name with `weights` (a file)"
         ) from None
 
 
@@ -137,7 +137,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str)
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
         raise CureEvalError(
-            f"{source} does not fit this model ({detail[:200]}): check --model, --depth/--widen and the dataset's class count"
+            f"{source} does not fit this model ({detail[:200]}): check `model`, `depth`/`widen` and the dataset's class count"
         ) from None
 
 

@@ -147,8 +147,8 @@ def _load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _missing(dataset: str, root: Path, files: str) -> CureEvalError:
     return CureEvalError(
-        f"{dataset} not found in {root} (expected {files}): pass --download to fetch it "
-        f"(needs internet), or copy the files into --data-dir"
+        f"{dataset} not found in {root} (expected {files}): pass `download=True` to fetch it "
+        f"(needs internet), or copy the files into `data_dir`"
     )
 
 
@@ -171,7 +171,7 @@ def _load_cifar10(root: Path, split: str, download: bool) -> tuple[torch.Tensor,
     except RuntimeError as exc:
         raise _missing("CIFAR-10", root, f"{CIFAR10.base_folder}/data_batch_1..5, test_batch") from exc
     except Exception as exc:  # corrupt pickle, truncated file
-        raise CureEvalError(f"CIFAR-10 files in {folder} are unreadable ({exc}): delete them and pass --download") from exc
+        raise CureEvalError(f"CIFAR-10 files in {folder} are unreadable ({exc}): delete them and pass `download=True`") from exc
     x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.as_tensor(ds.targets, dtype=torch.long)
     return x.contiguous(), y
@@ -193,7 +193,7 @@ def _load_svhn(root: Path, split: str, download: bool) -> tuple[torch.Tensor, to
     except RuntimeError as exc:
         raise _missing("SVHN", root, filename) from exc
     except Exception as exc:
-        raise CureEvalError(f"SVHN file {root / filename} is unreadable ({exc}): delete it and pass --download") from exc
+        raise CureEvalError(f"SVHN file {root / filename} is unreadable ({exc}): delete it and pass `download=True`") from exc
     x = torch.from_numpy(np.ascontiguousarray(ds.data)).float().div_(255.0)
     y = torch.as_tensor(ds.labels, dtype=torch.long)
     return x.contiguous(), y

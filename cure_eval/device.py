@@ -29,7 +29,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError as exc:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+        raise UsageError(f"device {name!r} requested but CUDA is not available: use `device=cpu`")
     return device
 
 

@@ -145,14 +145,14 @@ def setup(device: torch.device) -> torch.device:
     if device.type == "cuda":
         if local_rank() >= torch.cuda.device_count():
             raise UsageError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} CUDA devices: "
-                             "lower --nproc_per_node")
+                             "start fewer processes (torchrun's nproc_per_node)")
         device = dev_id = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
         backend = "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise UsageError(f"distributed training supports cuda and cpu, not {device.type}: pass --device cpu or cuda")
+        raise UsageError(f"distributed training supports cuda and cpu, not {device.type}: pass `device=cpu` or `device=cuda`")
     dist.init_process_group(backend=backend, device_id=dev_id)
     _OWNED = True
     log.debug("rank %d/%d on %s (%s)", rank(), world_size(), device, backend)

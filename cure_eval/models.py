@@ -123,7 +123,7 @@ def resolve_model_name(
             return registered, {}
         return "cifar_wide_resnet", {"depth": d, "widen_factor": k}
     if depth is not None or widen is not None:
-        raise UsageError("--depth/--widen only apply to --model wide_resnet")
+        raise UsageError("`depth`/`widen` only apply to `model=wide_resnet`")
     if not timm.is_model(name):
         ours = sorted(set(timm.list_models("cifar_*")) | set(timm.list_models("wide_resnet*")))
         raise UsageError(

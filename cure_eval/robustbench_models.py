@@ -75,7 +75,7 @@ def robustbench_distribution(path: list[str] | None = None) -> Distribution:
     found = list(distributions(name="robustbench", path=path)) if path is not None else list(
         distributions(name="robustbench"))
     if not found:
-        raise CureEvalError(f"--model robustbench:NAME needs the robustbench package (the optional extra): {INSTALL_HINT}")
+        raise CureEvalError(f"`model=robustbench:NAME` needs the robustbench package (the optional extra): {INSTALL_HINT}")
     dist = found[0]
     changed = []
     for f in dist.files or []:
@@ -146,7 +146,7 @@ def load_robustbench_model(
     description of it. ``dataset`` and ``threat_model`` as RobustBench names them."""
     if name in LEADERBOARD_ONLY:  # before the extra: the answer does not depend on it
         raise UsageError(f"robustbench:{name}: {LEADERBOARD_ONLY[name]}: audit a CURE model of your own with "
-                         "--checkpoint (python -m cure_eval.defend --method cure) or name a model-zoo entry")
+                         "`checkpoint` (a model trained with CURE) or name a model-zoo entry")
     dist = robustbench_distribution()
     _check_safe_torch_load()
     alias_autoattack()
@@ -173,12 +173,12 @@ def load_robustbench_model(
                          f"the keys of robustbench.model_zoo.model_dicts, {len(zoo)} here")
     timm_name = f"{name.lower().replace('-', '_')}_{ds.value.lower()}_{tm.value.lower()}"
     if timm.is_model(timm_name) and not download:
-        raise CureEvalError(f"RobustBench takes {name} from timm's model hub: pass --download to fetch it")
+        raise CureEvalError(f"RobustBench takes {name} from timm's model hub: pass `download=True` to fetch it")
     paths = checkpoint_paths(name, model_dir, ds.value, tm.value, zoo[name])
     missing = [p for p in paths if not p.is_file()]
     if missing and not download:
         raise CureEvalError(f"no checkpoint {missing[0]}: put RobustBench's checkpoint there "
-                            f"(<model-dir>/<dataset>/<threat model>/<name>.pt) or pass --download to fetch it")
+                            f"(<model_dir>/<dataset>/<threat model>/<name>.pt) or pass `download=True` to fetch it")
     try:
         model = load_model(name, model_dir=str(model_dir), dataset=ds.value, threat_model=tm.value)
     except Exception as exc:  # robustbench raises bare errors (pickling, state-dict keys, network)

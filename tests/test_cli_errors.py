@@ -29,15 +29,24 @@ def test_parameters_become_flags() -> None:
     assert speak_cli("`model` has no `conv1`", _parser()) == "`model` has no `conv1`"
 
 
-def _raised_strings(path: Path) -> list[tuple[int, str]]:
-    """The string constants inside ``raise`` statements of one module."""
+def _error_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of one module that become an error's message: inside ``raise``
+    statements and inside calls that build an error (``UsageError(…)``, ``NotApplicable(…)``, a
+    ``_missing(…)``-style factory returning one is caught through its ``…Error(`` call)."""
     found = []
+
+    def is_error_call(node: ast.AST) -> bool:
+        if not isinstance(node, ast.Call):
+            return False
+        name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+        return name.endswith(("Error", "NotApplicable"))
+
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Raise) and node.exc is not None:
-            for sub in ast.walk(node.exc):
+        if (isinstance(node, ast.Raise) and node.exc is not None) or is_error_call(node):
+            for sub in ast.walk(node):
                 if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-                    found.append((node.lineno, sub.value))
-    return found
+                    found.append((sub.lineno, sub.value))
+    return sorted(set(found))
 
 
 def test_library_errors_name_no_command_line_flag() -> None:
@@ -45,5 +54,5 @@ def test_library_errors_name_no_command_line_flag() -> None:
     offenders = [f"{p.relative_to(ROOT)}:{line}: {text!r}"
                  for p in sorted((ROOT / "cure_eval").rglob("*.py"))
                  if not (p.parent == ROOT / "cure_eval" and p.name in CLIS)
-                 for line, text in _raised_strings(p) if flag.search(text)]
+                 for line, text in _error_strings(p) if flag.search(text)]
     assert not offenders, "library errors name CLI flags:\n" + "\n".join(offenders)

@@ -69,7 +69,8 @@ def test_missing_data_offline_gives_one_line_error(tmp_path: Path, name: str) ->
     with pytest.raises(CureEvalError) as info:
         load_dataset(name, "test", data_dir=tmp_path / "nowhere")
     msg = str(info.value)
-    assert "--download" in msg and "\n" not in msg
+    # the library's vocabulary; the CLIs say --download/--data-dir (test_defend's bad-input cases)
+    assert "`download=True`" in msg and "`data_dir`" in msg and "\n" not in msg
 
 
 def test_corrupt_cifar_file_is_reported(tmp_path: Path) -> None:

@@ -118,7 +118,7 @@ def test_default_layers_of_timm_networks() -> None:
     assert resolve_layers(resnet, ["layer2", "model.fc", LOGITS]) == ["model.layer2", "model.fc", LOGITS]
     with pytest.raises(UsageError, match="no module 'nope'.*valid names: logits, model"):
         resolve_layers(resnet, ["nope"])
-    with pytest.raises(NotApplicable, match="--features-layers"):
+    with pytest.raises(NotApplicable, match="`layers`"):
         default_layers(_linear_model())
 
 
@@ -150,7 +150,7 @@ def test_audit_features_cli(tmp_path: Path, factory_argv: list[str], capsys: pyt
     bare = tmp_path / "bare"
     assert audit_main([*common, "--out", str(bare)]) == 0
     res = json.loads((bare / "results.json").read_text())
-    assert res["features"]["status"] == "not_applicable" and "--features-layers" in res["features"]["reason"]
+    assert res["features"]["status"] == "not_applicable" and "`layers`" in res["features"]["reason"]
     assert res["attacks"]["pgd20"]["robust_accuracy"] is not None
     capsys.readouterr()
     # an unknown module: a one-line error before any attack runs, exit 2

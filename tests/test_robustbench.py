@@ -111,7 +111,7 @@ def test_unknown_name_missing_checkpoint_and_bad_names(tmp_path: Path, capsys: p
         load_robustbench_model("Moosavi2019", model_dir=tmp_path)
     with pytest.raises(UsageError, match="unknown RobustBench threat model"):
         load_robustbench_model("Standard", model_dir=tmp_path, threat_model="L3")
-    with pytest.raises(CureEvalError, match="pass --download") as info:
+    with pytest.raises(CureEvalError, match="pass `download=True`") as info:
         load_robustbench_model("Standard", model_dir=tmp_path)
     assert str(tmp_path / "cifar10" / "Linf" / "Standard.pt") in str(info.value)
     assert not any(tmp_path.rglob("*.pt"))  # nothing was downloaded

@@ -49,7 +49,7 @@ def audit_models(
     shard = shard or Shard()
     specs = {spec.name for _, spec, _ in loaded}
     if len(specs) > 1:
-        raise UsageError(f"the checkpoints come from different datasets ({', '.join(sorted(specs))}): pass --dataset")
+        raise UsageError(f"the checkpoints come from different datasets ({', '.join(sorted(specs))}): pass `dataset`")
     labels = audit_labels([desc for _, _, desc in loaded])
     profiles: dict[str, Any] = {}
     combined: dict[str, dict[str, Any]] = {}

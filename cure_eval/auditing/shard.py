@@ -87,7 +87,7 @@ def shard_from_env(env: Mapping[str, str] | None = None) -> Shard:
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(v)]
     if rank is None or missing:
         raise CureEvalError(f"WORLD_SIZE={world} but {', '.join(missing or ['RANK'])} not set: start "
-                            f"sharded audits with torchrun --nproc_per_node=N -m cure_eval.audit ...")
+                            f"sharded audits with torchrun, which sets them")
     local = _env_int(env, "LOCAL_RANK")
     import torch.distributed as dist
 

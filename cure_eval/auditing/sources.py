@@ -33,21 +33,21 @@ def load_audit_model(
     from ``model_dir`` (``dataset`` default cifar10, ``threat_model`` Linf; nothing is downloaded
     unless ``download``): see :mod:`cure_eval.robustbench_models`."""
     if (checkpoint is None) == (model is None):
-        raise UsageError("give exactly one of --checkpoint PATH or --model NAME")
+        raise UsageError("give exactly one of `checkpoint` (a path) or `model` (a name)")
     if model is not None and model.startswith("robustbench:"):
         from ..robustbench_models import DEFAULT_MODEL_DIR, load_robustbench_model
 
         if weights is not None:
-            raise UsageError("--weights does not go with a RobustBench model: its checkpoint comes from --model-dir")
+            raise UsageError("`weights` does not go with a RobustBench model: its checkpoint comes from `model_dir`")
         spec = get_dataset_spec(dataset or "cifar10")
         rb_net, rb_desc = load_robustbench_model(model.removeprefix("robustbench:"), model_dir=model_dir or DEFAULT_MODEL_DIR,
                                                  dataset=spec.name, threat_model=threat_model, download=download)
         return rb_net.to(device).eval(), spec, rb_desc
     if model_dir is not None:
-        raise UsageError("--model-dir goes with --model robustbench:NAME")
+        raise UsageError("`model_dir` goes with `model=robustbench:NAME`")
     if checkpoint is not None:
         if weights is not None:
-            raise UsageError("--weights goes with --model, not --checkpoint")
+            raise UsageError("`weights` goes with `model`, not `checkpoint`")
         loaded, info = load_checkpoint(checkpoint, device=device)
         spec = get_dataset_spec(dataset or info.dataset)
         if spec.name != info.dataset:
@@ -55,7 +55,7 @@ def load_audit_model(
         if info.model.num_classes != spec.num_classes or info.model.in_chans != spec.in_chans:
             raise CureEvalError(
                 f"checkpoint has {info.model.num_classes} classes / {info.model.in_chans} channels but "
-                f"{spec.name} has {spec.num_classes} / {spec.in_chans}: pass the matching --dataset"
+                f"{spec.name} has {spec.num_classes} / {spec.in_chans}: pass the matching `dataset`"
             )
         return loaded, spec, {"source": "checkpoint", "path": info.path, "model": info.model.name,
                            "method": info.method, "epoch": info.epoch}
@@ -115,7 +115,7 @@ def check_model_outputs(model: nn.Module, x: torch.Tensor, spec: DatasetSpec, de
         except Exception as exc:
             raise CureEvalError(
                 f"the model failed on a batch of {tuple(x[:8].shape)} images: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:160]} (does it fit --dataset {spec.name}?)"
+                f"{str(exc).splitlines()[0][:160]} (does it fit `dataset={spec.name}`?)"
             ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != spec.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

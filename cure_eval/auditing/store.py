@@ -70,7 +70,7 @@ def _lock(out: Path, rank: int) -> int | None:
         os.close(fd)
         raise CureEvalError(
             f"another audit is running in {out} (rank {rank}'s lock in {LOCK_FILE} is held): wait for it "
-            f"or stop it (a torchrun killed with -9 leaves its workers running), or use a new --out") from None
+            f"or stop it (a torchrun killed with -9 leaves its workers running), or use a new `out` folder") from None
     return fd
 
 

@@ -64,7 +64,7 @@ def default_layers(model: nn.Module) -> list[str]:
                 names.extend(f"{child}.{k}" for k, _ in modules[child].named_children())
     if not names:
         raise NotApplicable("no stage found (no timm feature_info, no child named stem/conv1/layerN/layers/"
-                            "stages/blocks): name the modules with --features-layers")
+                            "stages/blocks): name the modules in `layers`")
     return [prefix + n for n in names] + [LOGITS]
 
 
@@ -86,7 +86,7 @@ def resolve_layers(model: nn.Module, names: Sequence[str] | None) -> list[str]:
         else:
             valid = sorted(modules, key=lambda n: (n.count("."), n))
             shown = ", ".join(valid[:40]) + (f", … ({len(valid)} in all)" if len(valid) > 40 else "")
-            raise UsageError(f"--features-layers: no module {name!r} in the model; valid names: {LOGITS}, {shown}")
+            raise UsageError(f"`layers`: no module {name!r} in the model; valid names: {LOGITS}, {shown}")
         if full not in out:
             out.append(full)
     return out
@@ -97,7 +97,7 @@ def _first_tensor(value: object) -> torch.Tensor:
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise UsageError(f"a feature layer returned {type(value).__name__}, not a tensor: choose other --features-layers")
+    raise UsageError(f"a feature layer returned {type(value).__name__}, not a tensor: choose other `layers`")
 
 
 @contextmanager
