@@ -49,6 +49,7 @@ def assert_same_audit(a: Path, b: Path) -> None:
     assert without_seconds(ra) == without_seconds(rb)
 
 
+@pytest.mark.slow
 def test_sigkill_during_spsa_then_resume(tmp_path: Path, factory_argv: list[str],
                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "killed"

@@ -23,6 +23,8 @@ from cure_eval.errors import CureEvalError
 
 from .test_audit_resume import assert_same_audit, computed_units
 
+pytestmark = pytest.mark.slow  # torchrun
+
 REPO = Path(__file__).resolve().parents[1]
 # 40 points in 5 chunks of 8: rank 0 attacks chunks 0, 2, 4, rank 1 chunks 1, 3. Under torchrun
 # --n and --h must be spelled --n-points and --fd-step (torchrun's parser takes --n and --h).

@@ -103,6 +103,7 @@ def test_rand_version_on_a_randomised_model(trained_digits_model: torch.nn.Modul
     assert bool((run.x_adv[credited] != x[credited]).flatten(1).any(1).all())  # with a perturbed point
 
 
+@pytest.mark.slow
 def test_audit_cli_autoattack_beside_the_suite(tmp_path: Path, factory_argv: list[str],
                                                direct: tuple[torch.Tensor, torch.Tensor],
                                                points: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
@@ -158,6 +159,7 @@ def test_suite_vs_autoattack_finding() -> None:
     assert one.status == "PASS" and one.value == 0.0
 
 
+@pytest.mark.slow
 def test_autoattack_units_from_two_ranks_merge(tmp_path: Path, factory_argv: list[str],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A sharded audit's AutoAttack units: chunk by chunk, seeded with --seed, so the units two

@@ -249,6 +249,7 @@ def test_adv_finetune_trains_on_deepfool_points(trained_digits_model: Normalized
 
 
 # -- real robustness on digits ------------------------------------------------------------------
+@pytest.mark.slow
 def test_pgd_at_trades_awp_are_robust_on_digits(tmp_path: Path, digits_train: tuple[torch.Tensor, torch.Tensor],
                                                 digits_test: tuple[torch.Tensor, torch.Tensor]) -> None:
     """small_cnn, default digits recipes (Adam 1e-3 cosine, batch 64) at ε = 32/255, PGD(20) step 4/255.
@@ -277,6 +278,7 @@ def test_pgd_at_trades_awp_are_robust_on_digits(tmp_path: Path, digits_train: tu
         assert results[name]["pgd20_accuracy"] >= normal + 0.20, (name, results)
 
 
+@pytest.mark.slow
 def test_adv_finetune_makes_the_normal_model_robust_on_digits(
         tmp_path: Path, trained_digits_model: NormalizedModel, digits_train: tuple[torch.Tensor, torch.Tensor],
         digits_test: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -309,6 +311,7 @@ def test_adv_finetune_makes_the_normal_model_robust_on_digits(
 
 
 # -- defend end to end, --init, resume ----------------------------------------------------------
+@pytest.mark.slow
 def test_defend_pgd_at_end_to_end_and_finetune_from_init(tmp_path: Path) -> None:
     out, cache = tmp_path / "run", str(tmp_path / "cache")
     assert defend_main(TINY + ["--epochs", "1", "--pretrain-epochs", "1", "--method", "pgd_at",
@@ -339,6 +342,7 @@ def test_defend_pgd_at_end_to_end_and_finetune_from_init(tmp_path: Path) -> None
                 assert torch.equal(a, b), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,overrides", [("pgd_at", {}), ("trades", {}), ("awp", {"base": "trades"}),
                                             ("adv_finetune", {"df_steps": 5})])
 def test_resume_is_bit_identical(tmp_path: Path, digits_train: tuple[torch.Tensor, torch.Tensor],

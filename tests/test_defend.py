@@ -53,6 +53,7 @@ def test_defend_writes_every_promised_file(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_bit_identically(tmp_path: Path) -> None:
     spec = get_dataset_spec("digits")
     ds = load_dataset("digits", "train")
@@ -83,6 +84,7 @@ def test_interrupted_training_resumes_bit_identically(tmp_path: Path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_cli_killed_with_sigkill_resumes_from_last_completed_epoch(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cure_eval.defend", *TINY, "--epochs", "4", "--pretrain-epochs", "1",
@@ -128,6 +130,7 @@ def test_bad_input_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_default_command_shows_the_cure_effect(tmp_path: Path) -> None:
     """`python -m cure_eval.defend --model wide_resnet --method cure` with no other flags: CURE's
     PGD(20) accuracy at ε = 32/255 is ≥ 20 points above the normal model's, clean ≤ 10 points lower."""

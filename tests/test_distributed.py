@@ -39,7 +39,8 @@ from cure_eval.models import NormalizedModel, create_model, model_config_for
 from cure_eval.training import train
 from cure_eval.wci_tracking import WCILRPolicy, WCITracker
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+pytestmark = [pytest.mark.slow,  # torchrun, end to end
+              pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
 
 TINY = ["--depth", "10", "--widen", "1", "--eval-n", "30", "--train-n", "256", "--no-progress"]
 

@@ -22,6 +22,7 @@ def test_editable_install_maps_plugins_folder() -> None:
     assert Path(mod.__file__).resolve() == ROOT / "plugins" / "methods" / "cure.py"
 
 
+@pytest.mark.slow
 def test_wheel_contains_plugins_under_unique_name(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],

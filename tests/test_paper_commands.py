@@ -61,6 +61,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", COMMANDS, ids=["-".join(_flag(c, f) for f in ("--dataset", "--model", "--method")) for c in COMMANDS])
 def test_documented_gpu_command_runs_one_real_step_on_cpu(argv: list[str], data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

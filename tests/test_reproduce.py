@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cure_eval.reproduce import main
+
+pytestmark = pytest.mark.slow  # trains and audits four models
 
 
 def test_tiny_reproduction_writes_the_report(tmp_path: Path) -> None:

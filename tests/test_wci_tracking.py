@@ -148,6 +148,7 @@ def test_a_cut_sticks_under_the_schedule(schedule: str) -> None:
     assert lrs == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["standard", "pgd_at"])
 def test_the_policy_cuts_the_lr_of_any_method_as_its_wci_says(tmp_path: Path, method: str) -> None:
     """End to end, constant schedule: epoch e's LR is lr0 · 0.1^(cuts after epochs < e), the cuts
@@ -169,6 +170,7 @@ def test_the_policy_needs_tracking(tmp_path: Path) -> None:
         _run(tmp_path, epochs=1, policy=WCILRPolicy())
 
 
+@pytest.mark.slow
 def test_resume_with_tracking_and_policy_gives_the_uninterrupted_metrics(tmp_path: Path) -> None:
     tracker = _data()[2]
     kw: dict[str, Any] = {"epochs": 3, "tracker": tracker, "overrides": {"lr_schedule": "constant"}}
@@ -200,6 +202,7 @@ def test_tracking_summary_reads_final_best_and_correlation() -> None:
     assert s["final_robust_test"] == pytest.approx(0.35) and s["final_robust_gap"] == pytest.approx(0.3)
 
 
+@pytest.mark.slow
 def test_defend_track_wci_writes_results_and_figure(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["--method", "standard", "--depth", "10", "--widen", "1", "--pretrain-epochs", "3", "--train-n", "128",
