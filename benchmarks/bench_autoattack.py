@@ -33,6 +33,7 @@ from torch import nn
 from cure_eval.attacks import run_autoattack, run_suite
 from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
+from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
 from cure_eval.testing import small_cnn, train_plain
 
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.checkpoint:
-        model, info = load_checkpoint(args.checkpoint, device=torch.device("cpu"))
+        try:
+            model, info = load_checkpoint(args.checkpoint, device=torch.device("cpu"))
+        except CureEvalError as exc:
+            raise SystemExit(f"bench_autoattack.py: {exc}") from None
         spec = get_dataset_spec(info.dataset)
     else:
         spec = get_dataset_spec("digits")

@@ -33,6 +33,7 @@ from tabulate import tabulate  # noqa: E402
 import cure_eval  # noqa: F401, E402  (registers wide_resnet16_4 in timm)
 from cure_eval.checkpoint import load_checkpoint  # noqa: E402
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
+from cure_eval.errors import CureEvalError  # noqa: E402
 from cure_eval.features import compute_features, write_features  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.testing import train_plain  # noqa: E402
@@ -46,7 +47,10 @@ def build_model(checkpoint: str | None, train_epochs: int, seed: int) -> tuple[t
         if not Path(checkpoint).exists():
             raise SystemExit(f"bench_features.py: no checkpoint at {checkpoint}: pass --checkpoint a defend run's "
                              "model folder (e.g. RUN/standard), or leave it out to train a WRN-16-4 here")
-        model, _ = load_checkpoint(checkpoint, device=torch.device("cpu"))
+        try:
+            model, _ = load_checkpoint(checkpoint, device=torch.device("cpu"))
+        except CureEvalError as exc:
+            raise SystemExit(f"bench_features.py: {exc}") from None
         return model.eval(), checkpoint
     torch.manual_seed(seed)
     model = create_model(model_config_for("wide_resnet", get_dataset_spec("digits")))
