@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/bench_autoattack.py --checkpoint runs/digits_wide_resnet_cure_s0/cure --n 200
     python benchmarks/bench_autoattack.py            # the small digits CNN, trained inline, 100 points
+    python benchmarks/bench_autoattack.py --tiny     # 8 points: a check that it runs, not a measurement
 
 Threads default to 1 (small models on a shared 2-core machine).
 """
@@ -22,6 +23,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,8 +33,12 @@ from torch import nn
 from cure_eval.attacks import run_autoattack, run_suite
 from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
+from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
 from cure_eval.testing import small_cnn, train_plain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 SUITE = ("fgsm", "pgd7,pgd20,pgd40,pgd100", "spsa")
 
@@ -59,11 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the numbers here")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, tiny={"n": 8})
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.checkpoint:
-        model, info = load_checkpoint(args.checkpoint, device=torch.device("cpu"))
+        try:
+            model, info = load_checkpoint(args.checkpoint, device=torch.device("cpu"))
+        except CureEvalError as exc:
+            raise SystemExit(f"bench_autoattack.py: {exc}") from None
         spec = get_dataset_spec(info.dataset)
     else:
         spec = get_dataset_spec("digits")
@@ -78,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         correct = model(x).argmax(1) == y
     xc, yc, ic = x[correct], y[correct], idx[correct]
+    exit_if_degenerate(counts={"clean-correct points": len(xc)})
     counting = Counting(model).eval()
     rows: list[dict[str, Any]] = []
 
@@ -104,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                        "" if r["robust"] is None else f"{100 * r['robust']:.1f}", r.get("broke", "")] for r in rows],
                      headers=["attack", "seconds", "model evaluations", "robust %", "points broken"], tablefmt="github",
                      disable_numparse=True)
+    attacked = [r for r in rows if r["evaluations"] is not None]
+    exit_if_degenerate(counts={f"{r['attack']}: model evaluations": r["evaluations"] for r in attacked},
+                       times={f"{r['attack']}: seconds": r["seconds"] for r in rows},
+                       ratios={f"{r['attack']}: robust": r["robust"] for r in rows if r["robust"] is not None})
     ratio = {"seconds": aa_s / suite_s, "evaluations": aa_n / suite_n}
+    exit_if_degenerate(ratios={f"AutoAttack / suite {k}": v for k, v in ratio.items()})
     sys.stdout.write(f"{spec.name}, {len(x)} points ({len(xc)} clean-correct), ε = {eps * 255:g}/255\n\n{table}\n\n"
                      f"AutoAttack / suite: {ratio['seconds']:.2f}× the seconds, {ratio['evaluations']:.2f}× the "
                      f"model evaluations\n")

@@ -1,6 +1,7 @@
 """Cost of one optimiser step, side by side in one run, as ratios to a plain training step.
 
     python benchmarks/bench_cure_step.py [--model cifar_resnet18] [--batch 32] [--rounds 3]
+    python benchmarks/bench_cure_step.py --tiny   # batch 2, 1 round: a check that it runs, seconds
 
 Steps timed (CIFAR-size input, CPU unless --device says otherwise):
 * plain      cross-entropy forward/backward/step
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,9 @@ import cure_eval  # noqa: F401  (registers the models)
 from cure_eval.cure import cure_terms, pixel_step
 from cure_eval.data import get_dataset_spec
 from cure_eval.models import create_model, model_config_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 
 def reference_structured_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, h: float, gamma: float) -> None:
@@ -62,14 +68,14 @@ def reference_structured_step(model: nn.Module, opt: torch.optim.Optimizer, x: t
     opt.step()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"batch": 2, "rounds": 1})
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -124,6 +130,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    exit_if_degenerate(times={f"{k} step": v for k, v in med.items()})
+    exit_if_degenerate(ratios={f"{k} / plain": v / med["plain"] for k, v in med.items()})
     rows = [[k, f"{med[k]:.3f}", f"{med[k] / med['plain']:.2f}×"] for k in steps]
     print(f"model {args.model}, batch {args.batch}, {spec.input_shape}, device {device}, "
           f"threads {torch.get_num_threads()}, median of {args.rounds} rounds")

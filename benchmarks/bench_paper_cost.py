@@ -2,6 +2,7 @@
 
     python benchmarks/bench_paper_cost.py [--models resnet18,wide_resnet] [--batch 8] [--rounds 3]
                                           [--gpu-tflops 25]
+    python benchmarks/bench_paper_cost.py --tiny   # ResNet-18 only, batch 2, 1 round: a check, seconds
 
 For each model of the paper (CIFAR-10 ResNet-18 and WRN-28-10; SVHN uses the same ResNet-18 on
 the same 32×32 images) and each method's documented recipe (``standard`` as `defend` trains the
@@ -31,7 +32,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
@@ -42,6 +46,9 @@ import cure_eval  # noqa: E402,F401  (registers the models)
 from cure_eval.data import DatasetSpec, get_dataset_spec  # noqa: E402
 from cure_eval.methods import Method, TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 #: training-set sizes (CIFAR-10 train split, SVHN train split)
 TRAIN_SIZE = {"cifar10": 50_000, "svhn": 73_257}
@@ -107,7 +114,7 @@ def measure(alias: str, args: argparse.Namespace, device: torch.device) -> dict[
     return {k: {"seconds": statistics.median(times[k]), "flops_per_image": flops[k]} for k in runs}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,wide_resnet", help="model aliases (default: resnet18,wide_resnet)")
     ap.add_argument("--batch", type=int, default=8, help="batch of the timed steps (default: 8)")
@@ -115,12 +122,17 @@ def main() -> None:
     ap.add_argument("--gpu-tflops", type=float, default=25.0, help="assumed sustained GPU throughput (default: 25)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = ap.parse_args()
+    args = parse_args(ap, argv, tiny={"models": "resnet18", "batch": 2, "rounds": 1})
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     aliases = [a.strip() for a in args.models.split(",") if a.strip()]
     measured = {a: measure(a, args, device) for a in aliases}
+    exit_if_degenerate(counts={f"{a} {name}: FLOPs per image": r["flops_per_image"]
+                               for a, m in measured.items() for name, r in m.items()},
+                       times={f"{a} {name}: seconds per step": r["seconds"] for a, m in measured.items()
+                              for name, r in m.items()},
+                       tables={"models": measured})
 
     print(f"CPU step cost, batch {args.batch}, device {device}, threads {torch.get_num_threads()}, "
           f"median of {args.rounds} rounds")
@@ -146,9 +158,11 @@ def main() -> None:
                    for name, _ in RECIPES}
         epochs = {name: get_method(name).make_config(spec, model_name, preset=preset).epochs for name, preset in RECIPES}
         std_h = epochs["standard"] * epoch_h["standard"]
+        exit_if_degenerate(times={f"{label} {name}: GPU hours per epoch": v for name, v in epoch_h.items()})
         for name, _ in RECIPES[1:]:
             rows.append([label, name, f"{epoch_h[name] * 60:.2f}", epochs[name], f"{epochs[name] * epoch_h[name]:.2f}",
                          f"{std_h:.2f} ({epochs['standard']} epochs)", f"{std_h + epochs[name] * epoch_h[name]:.2f}"])
+    exit_if_degenerate(tables={"estimated GPU wall time (no --models alias is a paper setting's)": rows})
     print(tabulate(rows, headers=["setting", "method", "min / epoch", "epochs", "method h", "normal model h",
                                   "total h"], tablefmt="github"))
 

@@ -1,6 +1,7 @@
 """What the training loop's GPU-oriented bookkeeping costs on the CPU (it should cost nothing).
 
-    python benchmarks/bench_train_loop.py [--rounds 5] [--methods standard,cure] [--threads 2]
+    python benchmarks/bench_train_loop.py [--rounds 5] [--methods standard,cure] [--threads 2] [--train-n N]
+    python benchmarks/bench_train_loop.py --tiny   # 128 images, 1 round: a check that it runs, seconds
 
 One epoch of each method on the digits training set (WRN-16-4, the ``defend`` defaults), side by
 side in interleaved rounds, median seconds of the epoch loop:
@@ -25,9 +26,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -39,6 +41,9 @@ from cure_eval.io import read_jsonl  # noqa: E402
 from cure_eval.methods import Method, TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.training import augment, epoch_batches, train  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 SPEC = get_dataset_spec("digits")
 
@@ -84,16 +89,18 @@ def _train(name: str, x: torch.Tensor, y: torch.Tensor, *, sync_every: int) -> f
         return float(read_jsonl(Path(tmp) / "metrics.jsonl")[0]["seconds"])
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--methods", default="standard,cure")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
+    ap.add_argument("--train-n", type=int, default=None, help="only the first N training images (default: all)")
+    args = parse_args(ap, argv, tiny={"rounds": 1, "train_n": 128})
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = load_dataset("digits", "train")
     x, y = ds.tensors
+    x, y = x[:args.train_n], y[:args.train_n]
     variants: dict[str, Callable[[str], float]] = {
         "bare": lambda m: _hand_loop(m, x, y, before=False),
         "before": lambda m: _hand_loop(m, x, y, before=True),
@@ -107,8 +114,12 @@ def main() -> None:
             for v, fn in variants.items():
                 times[v].append(fn(name))
         med = {v: statistics.median(t) for v, t in times.items()}
+        exit_if_degenerate(times={f"{name} {v}": t for v, t in med.items()})
+        exit_if_degenerate(ratios={f"{name} {v} / {base}": t / med[base] for v, t in med.items()
+                                   for base in ("bare", "before")})
         rows += [[name, v, f"{med[v]:.3f}", f"{med[v] / med['bare']:.3f}", f"{med[v] / med['before']:.3f}"] for v in variants]
-    print(f"# one digits epoch (1437 images, WRN-16-4), CPU, {torch.get_num_threads()} threads, median of {args.rounds}")
+    exit_if_degenerate(tables={"methods": rows})
+    print(f"# one digits epoch ({len(x)} images, WRN-16-4), CPU, {torch.get_num_threads()} threads, median of {args.rounds}")
     print(tabulate(rows, headers=["method", "loop", "seconds", "/ bare", "/ before"], tablefmt="github"))
 
 

@@ -1,6 +1,7 @@
 """What per-epoch WCI tracking (``defend --track-wci``) adds to a PGD-AT epoch on digits.
 
     python benchmarks/bench_wci_tracking.py [--rounds 3] [--probe-n 64] [--probes 4] [--threads 1]
+    python benchmarks/bench_wci_tracking.py --tiny   # 128 images, 1 round, small probes: a check, seconds
 
 One epoch of ``pgd_at`` at the ``defend`` defaults on digits (WRN-16-4, the full training set,
 batch 64, 10-step PGD, the loop's existing PGD(20) probe on 128 test points, checkpoint and state
@@ -19,8 +20,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
@@ -32,6 +36,9 @@ from cure_eval.methods import TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.training import METRICS_NAME, train  # noqa: E402
 from cure_eval.wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCITracker  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 SPEC = get_dataset_spec("digits")
 DEV = torch.device("cpu")
@@ -56,20 +63,23 @@ def _epoch(x: torch.Tensor, y: torch.Tensor, probe: tuple[torch.Tensor, torch.Te
     return wall, loop
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--probe-n", type=int, default=DEFAULT_PROBE_N)
     ap.add_argument("--probes", type=int, default=DEFAULT_HUTCHINSON_PROBES)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    ap.add_argument("--train-n", type=int, default=None, help="only the first N training images (default: all)")
+    ap.add_argument("--loop-probe-n", type=int, default=128, help="test points of the loop's PGD(20) probe (default: 128)")
+    args = parse_args(ap, argv, tiny={"rounds": 1, "probe_n": 8, "probes": 1, "train_n": 128, "loop_probe_n": 16})
     torch.set_num_threads(args.threads)
     x, y = load_dataset("digits", "train").tensors
+    x, y = x[:args.train_n], y[:args.train_n]
     xt, yt = load_dataset("digits", "test").tensors
     itr, ite = select_points(len(x), args.probe_n, 0), select_points(len(xt), args.probe_n, 0)
     tracker = WCITracker(train_probe=(x[itr], y[itr]), test_probe=(xt[ite], yt[ite]), eps=SPEC.default_eps / 255,
                          n_probes=args.probes, seed=0)
-    probe = (xt[:128], yt[:128])
+    probe = (xt[:args.loop_probe_n], yt[:args.loop_probe_n])
     runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     measure: list[float] = []
     mcfg = model_config_for("wide_resnet", SPEC)
@@ -81,18 +91,25 @@ def main() -> None:
         t0 = time.perf_counter()
         tracker.measure(model, DEV)
         measure.append(time.perf_counter() - t0)
-        print(f"round {r + 1}: off {runs['off'][-1]}, on {runs['on'][-1]}, measure {measure[-1]:.2f} s", flush=True)
+        print(f"round {r + 1}: train() / epoch loop s: off {runs['off'][-1][0]:.2f} / {runs['off'][-1][1]:.2f}, "
+              f"on {runs['on'][-1][0]:.2f} / {runs['on'][-1][1]:.2f}; measure {measure[-1]:.2f} s",
+              file=sys.stderr, flush=True)
+    exit_if_degenerate(times={**{f"{k} round {r + 1} {what}": t for k, rs in runs.items() for r, run in enumerate(rs)
+                                 for what, t in zip(("train()", "epoch loop"), run, strict=True)},
+                              **{f"measure round {r + 1}": t for r, t in enumerate(measure)}})
     off_wall = statistics.median(w for w, _ in runs["off"])
     on_wall = statistics.median(w for w, _ in runs["on"])
     off_loop = statistics.median(lo for _, lo in runs["off"])
+    med = statistics.median(measure)
+    exit_if_degenerate(ratios={"on / off": on_wall / off_wall, "measure / untracked epoch": med / off_wall,
+                               "measure / step loop": med / off_loop})
     rows = [["off", f"{off_wall:.2f}", f"{off_loop:.2f}", "1.00"],
             ["on", f"{on_wall:.2f}", f"{statistics.median(lo for _, lo in runs['on']):.2f}",
              f"{on_wall / off_wall:.2f}"]]
-    print(f"\npgd_at, digits, WRN-16-4, {len(x)} training images, {args.rounds} rounds, {args.threads} thread(s); "
+    print(f"pgd_at, digits, WRN-16-4, {len(x)} training images, {args.rounds} rounds, {args.threads} thread(s); "
           f"tracking: {args.probe_n} train + {args.probe_n} test probe points, {args.probes} Hutchinson probes\n")
     print(tabulate(rows, headers=["tracking", "train() s/epoch (median)", "epoch loop s (median)", "ratio"],
                    tablefmt="github"))
-    med = statistics.median(measure)
     print(f"\nWCITracker.measure alone: {med:.2f} s (median) = {med / off_wall:.1%} of an untracked epoch, "
           f"{med / off_loop:.1%} of its step loop")
 

@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/measure_autoattack_gap.py --n 200
     python benchmarks/measure_autoattack_gap.py --n 200 --checkpoint runs/x/standard --checkpoint runs/x/cure
+    python benchmarks/measure_autoattack_gap.py --tiny   # 6 points: a check that it runs, not a measurement
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -29,8 +31,12 @@ from torch import nn
 from cure_eval.attacks import autoattack_comparison, run_suite
 from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
+from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
 from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 ATTACKS = "fgsm,pgd7,pgd20,pgd40,pgd100,apgd-ce,apgd-dlr,deepfool_linf,deepfool_l2,spsa,autoattack"
 
@@ -42,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", action="append", default=[])
     p.add_argument("--no-wrappers", action="store_true", help="only the --checkpoint models")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, tiny={"n": 6})
     torch.set_num_threads(1)
     spec = get_dataset_spec("digits")
     models: dict[str, nn.Module] = {}
@@ -53,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         models.update({"cnn normal": cnn, "cnn shattered": QuantizedInput(cnn, levels=8),
                        "cnn vanishing": SaturatedLogits(cnn, scale=1e4), "cnn stochastic": NoisyInput(cnn, sigma=0.1)})
     for c in args.checkpoint:
-        model, info = load_checkpoint(c, device=torch.device("cpu"))
+        try:
+            model, info = load_checkpoint(c, device=torch.device("cpu"))
+        except CureEvalError as exc:
+            raise SystemExit(f"measure_autoattack_gap.py: {exc}") from None
         models[f"{info.model.name} {info.method}"] = model
     test = load_dataset("digits", "test")
     idx = select_points(len(test), args.n, args.seed)
@@ -76,11 +85,16 @@ def main(argv: list[str] | None = None) -> int:
                  "broken_by": summary["attacks"]["autoattack"]["broken_by"],
                  "seconds": {a: r["seconds"] for a, r in summary["attacks"].items()},
                  "total_seconds": time.perf_counter() - start}
+        exit_if_degenerate(counts={f"{name}: attacked points": attacked},
+                           times={**{f"{name}: {a} seconds": t for a, t in entry["seconds"].items()},
+                                  f"{name}: seconds": entry["total_seconds"]},
+                           ratios={f"{name}: {k}": entry[k] for k in ("clean", "suite_worst_case", "autoattack", "value")})
         out[name] = entry
         rows.append([name, f"{100 * entry['clean']:.1f}", f"{100 * entry['suite_worst_case']:.1f}",
                      f"{100 * entry['autoattack']:.1f}", f"{only_aa} ({entry['value']:.3f})", only_suite,
                      f"{entry['total_seconds']:.0f}"])
         sys.stderr.write(f"{name}: {json.dumps(entry)}\n")
+    exit_if_degenerate(tables={"models (--no-wrappers needs a --checkpoint)": rows})
     sys.stdout.write(tabulate(rows, headers=["model", "clean %", "suite worst %", "AutoAttack %",
                                              "only AutoAttack (share)", "only suite", "seconds"],
                               tablefmt="github") + "\n")
