@@ -64,6 +64,7 @@ def test_plugin_equals_pyautoattack(trained_digits_model: torch.nn.Module,
     assert res.worst_case_accuracy == pytest.approx(aa.robust_accuracy)
 
 
+@pytest.mark.slow
 def test_attribution_follows_the_packages_order(trained_digits_model: torch.nn.Module,
                                                 points: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                                                 direct: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -82,6 +83,7 @@ def test_attribution_follows_the_packages_order(trained_digits_model: torch.nn.M
     assert torch.equal((run.broken_by == 0), correct & (y_ce != y))
 
 
+@pytest.mark.slow
 def test_rand_version_on_a_randomised_model(trained_digits_model: torch.nn.Module,
                                             points: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     """``autoattack-rand`` on a genuinely randomised model (fresh input noise at every forward):

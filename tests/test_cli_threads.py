@@ -36,6 +36,7 @@ AS_CLI = "import sys; sys.orig_argv = ['python', '-m', 'cure_eval.defend']; "
 SHOW = "import cure_eval, os; print(os.environ.get('OMP_WAIT_POLICY'))"
 
 
+@pytest.mark.slow
 def test_a_cli_process_waits_passively_unless_the_user_chose() -> None:
     assert _policy(AS_CLI + SHOW) == "PASSIVE"
     assert _policy(AS_CLI + SHOW, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"  # the user's choice stands

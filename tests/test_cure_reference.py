@@ -174,6 +174,7 @@ def test_paper_preset_equals_the_papers_regulariser_resnet18() -> None:
     assert r["reg"] < 0.01 and r["total"] < 0.01 and r["grad"] < 0.01, r
 
 
+@pytest.mark.slow
 def test_paper_preset_equals_the_papers_regulariser_wrn28_10() -> None:
     """The same for WRN-28-10 (γ = 8), on two images."""
     r = _compare("wide_resnet", "paper", n=2)
@@ -181,6 +182,7 @@ def test_paper_preset_equals_the_papers_regulariser_wrn28_10() -> None:
     assert r["reg"] < 0.01 and r["total"] < 0.01 and r["grad"] < 0.01, r
 
 
+@pytest.mark.slow
 def test_quick_fix_mode_equals_the_quick_fix_branch() -> None:
     """``bn_mode=quick_fix``: eval-mode z, train-mode passes that update the running statistics."""
     r = _compare("resnet18", "reference", bn_mode="quick_fix")

@@ -49,6 +49,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         audit_main(["--checkpoint", str(tmp_path / "missing"), "--debug"])
 
 
+@pytest.mark.slow
 def test_subprocess_exit_codes_and_no_traceback(tmp_path: Path) -> None:
     for argv, code in ((["--eps", "999"], 2), (["--checkpoint", str(tmp_path / "nope")], 1)):
         res = subprocess.run([sys.executable, "-m", "cure_eval.audit", *argv, "--out", str(tmp_path / "o")],
