@@ -40,8 +40,8 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the models)
 from cure_eval.data import DatasetSpec, get_dataset_spec  # noqa: E402
-from cure_eval.methods import Method, TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
+from cure_eval.training.methods import Method, TrainContext, get_method  # noqa: E402
 
 #: training-set sizes (CIFAR-10 train split, SVHN train split)
 TRAIN_SIZE = {"cifar10": 50_000, "svhn": 73_257}

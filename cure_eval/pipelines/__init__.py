@@ -7,9 +7,15 @@
 
 from __future__ import annotations
 
+from ..training.pipeline import (
+    DefendResult,
+    DefendSettings,
+    run_defend,
+    standard_model,
+    train_method,
+)
 from .audit import AuditOptions, audit_model, audit_models, load_audit_model
 from .reproduce import ReproduceSettings, run_reproduce
-from .train import DefendResult, DefendSettings, run_defend, standard_model, train_method
 
 __all__ = [
     "AuditOptions",
