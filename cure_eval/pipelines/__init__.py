@@ -1,6 +1,6 @@
 """The library's pipelines, in [0, 1] units: what the CLIs call after parsing their arguments.
 
-* :mod:`~cure_eval.pipelines.train` — :func:`run_defend`, :func:`standard_model`, :func:`train_method`;
+* :mod:`~cure_eval.training.pipeline` (the training package; ``pipelines.train`` re-exports it until 0.3) — :func:`run_defend`, :func:`standard_model`, :func:`train_method`;
 * :mod:`~cure_eval.pipelines.audit` — :func:`audit_model`, :func:`audit_models`, :func:`load_audit_model`;
 * :mod:`~cure_eval.pipelines.reproduce` — :func:`run_reproduce`.
 """
