@@ -34,9 +34,9 @@ from tabulate import tabulate
 from torch import nn
 
 import cure_eval  # noqa: F401  (registers the models)
-from cure_eval.cure import cure_terms, pixel_step
 from cure_eval.data import get_dataset_spec
 from cure_eval.models import create_model, model_config_for
+from cure_eval.training.cure import cure_terms, pixel_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_if_degenerate, parse_args  # noqa: E402

@@ -44,8 +44,8 @@ from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the models)
 from cure_eval.data import DatasetSpec, get_dataset_spec  # noqa: E402
-from cure_eval.methods import Method, TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
+from cure_eval.training.methods import Method, TrainContext, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_if_degenerate, parse_args  # noqa: E402

@@ -38,9 +38,9 @@ from tabulate import tabulate  # noqa: E402
 import cure_eval  # noqa: E402,F401
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.io import read_jsonl  # noqa: E402
-from cure_eval.methods import Method, TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.training import augment, epoch_batches, train  # noqa: E402
+from cure_eval.training.methods import Method, TrainContext, get_method  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_if_degenerate, parse_args  # noqa: E402

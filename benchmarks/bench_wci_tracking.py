@@ -32,10 +32,11 @@ from tabulate import tabulate  # noqa: E402
 import cure_eval  # noqa: E402,F401
 from cure_eval.data import get_dataset_spec, load_dataset, select_points  # noqa: E402
 from cure_eval.io import read_jsonl  # noqa: E402
-from cure_eval.methods import TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.training import METRICS_NAME, train  # noqa: E402
-from cure_eval.wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCITracker  # noqa: E402
+from cure_eval.training.methods import TrainContext, get_method  # noqa: E402
+from cure_eval.training.pipeline import epoch_hooks  # noqa: E402
+from cure_eval.training.wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCITracker  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_if_degenerate, parse_args  # noqa: E402
@@ -56,8 +57,8 @@ def _epoch(x: torch.Tensor, y: torch.Tensor, probe: tuple[torch.Tensor, torch.Te
     model = create_model(mcfg)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=tmp, seed=0, probe=probe, progress=False,
-              wci=tracker)
+        train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=tmp, seed=0, progress=False,
+              hooks=epoch_hooks(probe, wci=tracker))
         wall = time.perf_counter() - t0
         loop = float(read_jsonl(f"{tmp}/{METRICS_NAME}")[0]["seconds"])
     return wall, loop

@@ -44,9 +44,9 @@ import cure_eval  # noqa: E402,F401  (registers the models)
 from cure_eval.data import get_dataset_spec  # noqa: E402
 from cure_eval.device import resolve_device  # noqa: E402
 from cure_eval.io import read_jsonl, write_json_atomic  # noqa: E402
-from cure_eval.methods import TrainContext, get_method  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.synthetic import write_cifar10  # noqa: E402
+from cure_eval.training.methods import TrainContext, get_method  # noqa: E402
 
 #: training-set sizes of the paper's data sets
 TRAIN_SIZE = {"cifar10": 50_000, "svhn": 73_257}

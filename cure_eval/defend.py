@@ -13,7 +13,7 @@ side-by-side table and a run folder::
 
 ``--track-wci`` adds per-epoch WCI and train/test robust accuracy to ``<method>/metrics.jsonl``,
 ``<method>/wci_tracking.png`` and ``wci_tracking`` to ``results.json``; ``--lr-policy wci`` also
-cuts the learning rate when WCI keeps rising (:mod:`cure_eval.wci_tracking`).
+cuts the learning rate when WCI keeps rising (:mod:`cure_eval.training.wci_tracking`).
 
 Data parallel on several processes or GPUs: ``torchrun --nproc_per_node=N -m cure_eval.defend ...``
 (``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.distributed`).
@@ -44,16 +44,16 @@ from .cli import (
 from .data import get_dataset_spec, list_datasets
 from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
-from .methods import get_method, list_methods, parse_method_args
 from .models import model_config_for
-from .pipelines.train import (
+from .training.methods import get_method, list_methods, parse_method_args
+from .training.pipeline import (
     PAPER_HINT,
     DefendSettings,
     run_defend,
     standard_model,  # noqa: F401  (re-exported: the name's old home)
     train_method,  # noqa: F401  (re-exported: the name's old home)
 )
-from .wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCILRPolicy
+from .training.wci_tracking import DEFAULT_HUTCHINSON_PROBES, DEFAULT_PROBE_N, WCILRPolicy
 
 log = logging.getLogger("cure_eval.defend")
 

@@ -20,7 +20,7 @@ so the weights stay identical on every rank, and since each rank's loss is the m
 share of the global batch, the averaged gradient is the gradient of the global-batch mean loss,
 exactly what one process computes (up to float summation order).
 
-Why not DDP: a method plugin owns its whole step (:mod:`cure_eval.methods`): CURE runs three
+Why not DDP: a method plugin owns its whole step (:mod:`cure_eval.training.methods`): CURE runs three
 forwards and a double backward (``autograd.grad(..., create_graph=True)`` w.r.t. the input, then
 ``backward()`` through those graphs), PGD-AT/TRADES run 10 input-gradient forwards per step, AWP
 calls a ``functional_call`` proxy and perturbs the weights in place around ``backward()``, DeepFool

@@ -31,7 +31,6 @@ from .cli import (
 from .data import get_dataset_spec, list_datasets
 from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
-from .methods import get_method, list_methods
 from .models import model_config_for
 from .pipelines.reproduce import (
     DEFAULT_METHODS,
@@ -40,7 +39,8 @@ from .pipelines.reproduce import (
     main_table,
     run_reproduce,
 )
-from .pipelines.train import PAPER_HINT
+from .training.methods import get_method, list_methods
+from .training.pipeline import PAPER_HINT
 
 log = logging.getLogger("cure_eval.reproduce")
 

@@ -8,6 +8,9 @@ is still a dependency), except those under ``if TYPE_CHECKING:``.
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,24 @@ PACKAGES = {"cure_eval": ROOT / "cure_eval", "cure_eval_plugins": ROOT / "plugin
 CLI_MODULES = {"cure_eval.defend", "cure_eval.audit", "cure_eval.reproduce", "cure_eval.cli"}
 #: The lowest layer: they import nothing from the package but these.
 LOW_LEVEL = {"cure_eval.errors", "cure_eval.modes", "cure_eval.device", "cure_eval.io", "cure_eval.plugins"}
-#: Measurement layers below training: they never import the training loop or the method API.
-BELOW_TRAINING = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.evaluation")
-TRAINING = {"cure_eval.training", "cure_eval.methods", "cure_eval.pipelines.train", "cure_eval.wci_tracking"}
+#: Measurement layers below training: they never import the training package (or its old paths).
+BELOW_TRAINING = ("cure_eval.attacks", "cure_eval.geometry", "cure_eval.masking", "cure_eval.evaluation",
+                  "cure_eval.features")
+#: The training package and the thin re-exports at its modules' old paths (removed in 0.3).
+TRAINING_PACKAGE = "cure_eval.training"
+OLD_TRAINING_PATHS = {"cure_eval.methods": "cure_eval.training.methods",
+                      "cure_eval.method_helpers": "cure_eval.training.method_helpers",
+                      "cure_eval.cure": "cure_eval.training.cure",
+                      "cure_eval.wci_tracking": "cure_eval.training.wci_tracking",
+                      "cure_eval.pipelines.train": "cure_eval.training.pipeline"}
+#: The training loop and what it imports: no analysis code (measurements are epoch hooks).
+LOOP = "cure_eval.training.loop"
+ANALYSIS = (*BELOW_TRAINING, "cure_eval.training.wci_tracking", "cure_eval.training.probes",
+            "cure_eval.training.cure", *OLD_TRAINING_PATHS)
+
+
+def _is_training(module: str) -> bool:
+    return module == TRAINING_PACKAGE or module.startswith(TRAINING_PACKAGE + ".") or module in OLD_TRAINING_PATHS
 
 
 def _modules() -> dict[str, Path]:
@@ -111,6 +129,60 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_sees_the_package(graph: dict[str, set[str]]) -> None:
     assert "cure_eval.training" in graph and "cure_eval_plugins.methods.cure" in graph
     assert "cure_eval.modes" in graph["cure_eval.evaluation"]
+    assert "cure_eval.training.hooks" in graph[LOOP]
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module that importing ``start`` runs: its imports, recursively, and their packages'
+    ``__init__`` modules."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in graph)
+        todo.extend(graph.get(m, ()))
+    return seen
+
+
+def test_the_training_loop_imports_no_analysis_code(graph: dict[str, set[str]]) -> None:
+    """Per-epoch measurements are epoch hooks passed in by the pipeline: the loop reaches no
+    attack, geometry, masking, features, evaluation or WCI code, not even through a package."""
+    reached = _reach(graph, LOOP)
+    assert "cure_eval.training.methods" in reached and "cure_eval.checkpoint" in reached
+    bad = sorted(m for m in reached if m.startswith(ANALYSIS))
+    assert not bad, f"the training loop imports analysis code: {bad}"
+
+
+def test_importing_the_training_loop_loads_no_analysis_code() -> None:
+    """The same, at run time: a fresh interpreter that imports the loop has none of it loaded."""
+    code = ("import sys, cure_eval.training.loop; "
+            f"print('\\n'.join(m for m in sys.modules if m.startswith({ANALYSIS!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "", f"importing the loop loads: {out.stdout.split()}"
+
+
+def test_old_training_paths_are_thin_re_exports() -> None:
+    """``cure_eval.methods`` & co. (the plugins' imports before the training package) re-export
+    the very objects of their new homes and hold nothing else."""
+    for old, new in OLD_TRAINING_PATHS.items():
+        old_mod, new_mod = importlib.import_module(old), importlib.import_module(new)
+        assert f"moved to :mod:`{new}`; removed in 0.3" in (old_mod.__doc__ or ""), old
+        assert old_mod.__all__, old
+        for name in old_mod.__all__:
+            assert getattr(old_mod, name) is getattr(new_mod, name), f"{old}.{name}"
+        tree = ast.parse(Path(old_mod.__file__ or "").read_text())
+        defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        assert not defs, f"{old} defines {[d.name for d in defs]}: it should only re-export"
+
+
+def test_plugins_import_the_training_package_not_its_old_paths(graph: dict[str, set[str]]) -> None:
+    bad = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith("cure_eval")
+           for d in deps if d in OLD_TRAINING_PATHS and m not in OLD_TRAINING_PATHS}
+    assert not bad, f"import from the training package, not the old paths: {sorted(bad)}"
 
 
 def test_no_import_cycles(graph: dict[str, set[str]]) -> None:
@@ -129,7 +201,7 @@ def test_low_level_modules_import_only_low_level_ones(graph: dict[str, set[str]]
 
 
 def test_measurements_sit_below_training(graph: dict[str, set[str]]) -> None:
-    bad = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(BELOW_TRAINING) for d in deps & TRAINING}
+    bad = {f"{m} -> {d}" for m, deps in graph.items() if m.startswith(BELOW_TRAINING) for d in deps if _is_training(d)}
     assert not bad, f"measurement modules import the training layer: {sorted(bad)}"
 
 

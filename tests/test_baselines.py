@@ -22,10 +22,10 @@ from cure_eval.errors import UsageError
 from cure_eval.evaluation import evaluate
 from cure_eval.geometry import curvature_profile, curvature_summaries
 from cure_eval.io import read_jsonl
-from cure_eval.methods import TrainContext, get_method, list_methods
 from cure_eval.models import ModelConfig, NormalizedModel
 from cure_eval.testing import small_cnn
 from cure_eval.training import train
+from cure_eval.training.methods import TrainContext, get_method, list_methods
 
 BASELINES = {"pgd_at": False, "adv_finetune": True, "trades": False, "awp": False}  # name: fine_tunes
 SPEC = get_dataset_spec("digits")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_eval.cure import cure_direction, cure_terms
+from cure_eval.training.cure import cure_direction, cure_terms
 
 
 def _smooth_net(seed: int = 0, bn: bool = False) -> nn.Module:

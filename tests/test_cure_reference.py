@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from cure_eval.cure import cure_terms, pixel_step
 from cure_eval.data import get_dataset_spec
 from cure_eval.errors import UsageError
-from cure_eval.methods import get_method
 from cure_eval.models import create_model, model_config_for
+from cure_eval.training.cure import cure_terms, pixel_step
+from cure_eval.training.methods import get_method
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the reference code's transforms.Normalize constants
 CIFAR_STD = (0.2023, 0.1994, 0.2010)

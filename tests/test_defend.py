@@ -17,9 +17,9 @@ from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.defend import main
 from cure_eval.io import read_jsonl
-from cure_eval.methods import TrainContext, get_method
 from cure_eval.models import create_model, model_config_for
 from cure_eval.training import train
+from cure_eval.training.methods import TrainContext, get_method
 
 TINY = ["--depth", "10", "--widen", "1", "--eval-n", "30", "--train-n", "256", "--no-progress"]
 

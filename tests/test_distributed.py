@@ -34,10 +34,10 @@ from cure_eval.checkpoint import CheckpointInfo, load_train_state, save_checkpoi
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.defend import main
 from cure_eval.io import append_jsonl, read_jsonl
-from cure_eval.methods import TrainContext, get_method
 from cure_eval.models import NormalizedModel, create_model, model_config_for
 from cure_eval.training import train
-from cure_eval.wci_tracking import WCILRPolicy, WCITracker
+from cure_eval.training.methods import TrainContext, get_method
+from cure_eval.training.wci_tracking import WCILRPolicy, WCITracker, wci_hooks
 
 pytestmark = [pytest.mark.slow,  # torchrun, end to end
               pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")]
@@ -151,7 +151,7 @@ def _run(out: Path, method: str, overrides: dict[str, object], *, stop_after: in
     wci = WCITracker(train_probe=(x[:16], y[:16]), test_probe=(x[200:216], y[200:216]), eps=0.1, n_probes=2,
                      seed=1) if track else None
     train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=out, seed=3, resume=resume, progress=False,
-          on_epoch=on_epoch, wci=wci, lr_policy=WCILRPolicy(patience=1) if track else None)
+          on_epoch=on_epoch, hooks=wci_hooks(wci, WCILRPolicy(patience=1) if track else None))
     return model
 
 

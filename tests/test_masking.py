@@ -23,7 +23,6 @@ from torch import nn
 
 import cure_eval.masking.run as masking_run
 from cure_eval.attacks import run_suite
-from cure_eval.cure import cure_terms
 from cure_eval.data import get_dataset_spec
 from cure_eval.masking import (
     Finding,
@@ -37,6 +36,7 @@ from cure_eval.masking import (
     still_improving,
 )
 from cure_eval.testing import NoGradient, NoisyInput, QuantizedInput, SaturatedLogits
+from cure_eval.training.cure import cure_terms
 
 EPS = 32 / 255
 ALPHA = get_dataset_spec("digits").pgd_alpha / 255

@@ -13,7 +13,7 @@ from torch import nn
 from cure_eval.data import get_dataset_spec
 from cure_eval.defend import main as defend_main
 from cure_eval.errors import UsageError
-from cure_eval.methods import (
+from cure_eval.training.methods import (
     Method,
     MethodConfig,
     get_method,
@@ -60,7 +60,7 @@ def test_registration_function(capsys: pytest.CaptureFixture[str]) -> None:
 def test_test_local_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pkg = tmp_path / "thirdparty_method.py"
     pkg.write_text(
-        "from cure_eval.methods import Method\n"
+        "from cure_eval.methods import Method  # the old path (re-exported until 0.3)\n"
         "class ThirdParty(Method):\n"
         "    name = 'third_party'\n"
         "    description = 'installed by another package'\n"
@@ -97,7 +97,7 @@ def test_config_resolution_order() -> None:
 
 
 def test_cure_h_ramp() -> None:
-    from cure_eval.methods import TrainContext
+    from cure_eval.training.methods import TrainContext
 
     spec = get_dataset_spec("digits")
     cure = get_method("cure")
@@ -112,7 +112,7 @@ def test_cure_h_ramp() -> None:
 
 def test_cure_gamma_schedule_svhn_paper() -> None:
     """SVHN: γ = 4, 8, 12 for 10, 5, 5 epochs (paper §4); a scheduled step equals a constant-γ step."""
-    from cure_eval.methods import TrainContext
+    from cure_eval.training.methods import TrainContext
 
     spec = get_dataset_spec("svhn")
     cure = get_method("cure")

@@ -36,6 +36,10 @@ def test_wheel_contains_plugins_under_unique_name(tmp_path: Path) -> None:
         names = z.namelist()
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "cure_eval_plugins/methods/cure.py" in names
+    # every subpackage ships (setuptools' `packages` is an explicit list: a new folder must be added)
+    missing = [i.relative_to(ROOT).as_posix() for i in sorted((ROOT / "cure_eval").rglob("__init__.py"))
+               if i.relative_to(ROOT).as_posix() not in names]
+    assert not missing, f"not in the wheel (add them to [tool.setuptools] packages): {missing}"
     assert "cure_eval_plugins/models/wide_resnet.py" in names
     assert not any(n.startswith("plugins/") for n in names)  # no generic top-level `plugins`
     assert "cure = cure_eval_plugins.methods.cure:CureMethod" in entry_points

@@ -15,7 +15,7 @@ from cure_eval.cli import eps_from_255
 from cure_eval.data import check_images, select_points
 from cure_eval.defend import build_parser as defend_parser
 from cure_eval.errors import CureEvalError, UsageError
-from cure_eval.methods import get_method, parse_method_args
+from cure_eval.training.methods import get_method, parse_method_args
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

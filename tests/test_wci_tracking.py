@@ -17,15 +17,16 @@ from cure_eval.defend import main
 from cure_eval.errors import NotApplicable, UsageError
 from cure_eval.geometry.weights import pgd_points, weight_curvature_index
 from cure_eval.io import read_jsonl
-from cure_eval.methods import TrainContext, get_method
 from cure_eval.models import create_model, model_config_for
 from cure_eval.training import train
-from cure_eval.wci_tracking import (
+from cure_eval.training.methods import TrainContext, get_method
+from cure_eval.training.wci_tracking import (
     TRACKING_KEYS,
     WCILRPolicy,
     WCITracker,
     spearman,
     tracking_summary,
+    wci_hooks,
 )
 
 SPEC = get_dataset_spec("digits")
@@ -56,7 +57,7 @@ def _run(out: Path, *, method: str = "standard", epochs: int = 2, tracker: WCITr
         if stop_after is not None and row["epoch"] == stop_after:
             raise KeyboardInterrupt  # a crash right after an epoch was saved
 
-    train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=out, progress=False, wci=tracker, lr_policy=policy,
+    train(model, cls(cfg, ctx), x, y, model_config=mcfg, out_dir=out, progress=False, hooks=wci_hooks(tracker, policy),
           resume=resume, on_epoch=on_epoch)
     return read_jsonl(out / "metrics.jsonl")
 
@@ -230,8 +231,8 @@ def test_a_model_without_conv_linear_weights_is_recorded_not_applicable(tmp_path
     cls = get_method("standard")
     cfg = cls.make_config(SPEC, mcfg.name, overrides={"epochs": 2, "batch_size": 64})
     ctx = TrainContext(spec=SPEC, eps=EPS, model_name=mcfg.name, device=CPU, epochs=2, steps_per_epoch=3)
-    train(RawParameterNet(), cls(cfg, ctx), x, y, model_config=mcfg, out_dir=tmp_path, progress=False, wci=tracker,
-          lr_policy=WCILRPolicy(patience=1))
+    train(RawParameterNet(), cls(cfg, ctx), x, y, model_config=mcfg, out_dir=tmp_path, progress=False,
+          hooks=wci_hooks(tracker, WCILRPolicy(patience=1)))
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all("conv/linear" in r["wci_not_applicable"] and "wci" not in r and r["wci_lr_decay"] == 0 for r in rows)

@@ -18,7 +18,7 @@ ARPACK is a reverse-communication solver that asks for one vector at a time, so 
 solves run in threads (current SciPy's ARPACK keeps its state per call; with an older SciPy that
 still has a global ARPACK lock we fall back to one point at a time), and each round, when
 every running solve is waiting for its next product, all requested vectors go through one
-batched forward/backward. Rounds are formed deterministically (sorted by point), so results do
+batched forward/backward (:mod:`cure_eval.geometry.lanczos`). Rounds are formed deterministically (sorted by point), so results do
 not depend on thread timing.
 
 The *sorted profile* of a set of points is the mean over points of each point's eigenvalues
@@ -45,27 +45,19 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CureEvalError, UsageError
 from ._util import check_batch, check_device, check_positive, eval_mode
-from .hessian import (
-    BlockOperator,
-    Scheme,
-    _check_scheme,
-    _grads,
-    _hvp_pairs,
-)
+from .hessian import Scheme, _check_scheme, _grads, _hvp_pairs
+from .lanczos import arpack_is_reentrant, lanczos_group
 
 log = logging.getLogger(__name__)
 
@@ -169,95 +161,6 @@ class CurvatureProfile:
         return out
 
 
-class _Cancelled(Exception):
-    pass
-
-
-class _HVPBatcher:
-    """Rendezvous for concurrent ``eigsh`` solves: one batched HVP call per round.
-
-    A round runs when every still-active client has posted its block of vectors; the last
-    client to arrive computes the whole round (under the lock, in point order) and wakes the
-    others. ``leave`` must be called by each client when it is done (it may complete a round).
-    """
-
-    def __init__(self, compute: Callable[[list[tuple[int, np.ndarray]]], list[np.ndarray]],
-                 n_clients: int) -> None:
-        self._compute = compute
-        self._cond = threading.Condition()
-        self._active = n_clients
-        self._pending: dict[int, np.ndarray] = {}
-        self._results: dict[int, np.ndarray] = {}
-        self._error: BaseException | None = None
-        self.rounds = 0
-
-    def request(self, client: int, block: np.ndarray) -> np.ndarray:
-        with self._cond:
-            if self._error is not None:
-                raise _Cancelled() from self._error
-            self._pending[client] = block
-            self._maybe_run()
-            while client not in self._results:
-                if self._error is not None:
-                    raise _Cancelled() from self._error
-                self._cond.wait()
-            return self._results.pop(client)
-
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            self._maybe_run()
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    def cancel(self, error: BaseException) -> None:
-        with self._cond:
-            if self._error is None:
-                self._error = error
-            self._cond.notify_all()
-
-    def _maybe_run(self) -> None:
-        if not self._pending or len(self._pending) < self._active or self._error is not None:
-            return
-        batch = sorted(self._pending.items())
-        self._pending.clear()
-        try:
-            outs = self._compute(batch)
-        except BaseException as exc:  # propagate to every waiting client
-            self._error = exc
-            self._cond.notify_all()
-            return
-        self.rounds += 1
-        for (client, _), out in zip(batch, outs, strict=True):
-            self._results[client] = out
-        self._cond.notify_all()
-
-
-def _arpack_is_reentrant() -> bool:
-    """SciPy < 1.15 guards its Fortran ARPACK with a global lock: concurrent solves would deadlock."""
-    try:
-        from scipy.sparse.linalg._eigen.arpack import arpack as _arpack_module
-    except ImportError:  # layout changed: assume the modern, per-call implementation
-        return True
-    return getattr(_arpack_module, "_ARPACK_LOCK", None) is None
-
-
-def _sym_rayleigh_ritz(
-    apply: Callable[[np.ndarray], np.ndarray], vecs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Eigenpairs of ``sym(QᵀAQ)`` on the span of ``vecs``; returns (values asc, vectors, residuals)."""
-    q, _ = np.linalg.qr(vecs)
-    aq = apply(q)
-    t = q.T @ aq
-    t = 0.5 * (t + t.T)
-    theta, s = np.linalg.eigh(t)
-    ritz = q @ s
-    res = np.linalg.norm(aq @ s - ritz * theta[None, :], axis=0)
-    return theta, ritz, res
-
-
 def curvature_profile(
     model: nn.Module,
     x: torch.Tensor,
@@ -303,6 +206,50 @@ def curvature_profile(
         :class:`CurvatureProfile` with per-point top/bottom eigenvalues, top eigenvector, full
         spectrum (optional), HVP counts and wall times.
     """
+    plan = _plan(model, x, y, h=h, k=k, device=device, scheme=scheme, lanczos=lanczos, full_spectrum=full_spectrum,
+                 full_spectrum_max_dim=full_spectrum_max_dim, points_per_batch=points_per_batch)
+    n, dev = len(x), plan.device
+    x, y = x.to(dev), y.to(dev)
+    acc = _Spectra(n)
+    with eval_mode(model):
+        grad_x = _grads(model, x, y, chunk_size)[1] if scheme == "forward" else None
+        products = _BatchedProducts(model, x, y, plan, chunk_size=chunk_size, grad_x=grad_x, hvps=acc.hvps)
+        bar = tqdm(total=n, desc="curvature profile", unit="pt", disable=not progress, leave=False)
+        try:
+            if plan.lanczos:
+                _lanczos_points(products, plan, acc, tol=tol, maxiter=maxiter, ncv=ncv, seed=seed,
+                                bar=None if plan.full_spectrum else bar)
+            if plan.full_spectrum:
+                _full_spectra(products, plan, acc, bar=bar)
+        finally:
+            bar.close()
+    prof = CurvatureProfile(points=acc.points(), h=float(plan.h), scheme=scheme, k=k, dim=plan.d, settings={
+        "lanczos": plan.lanczos, "full_spectrum": plan.full_spectrum, "tol": tol, "maxiter": maxiter,
+        "ncv": ncv, "points_per_batch": plan.points_per_batch, "seed": seed})
+    log.info("curvature profile of %d points: %.1f HVPs/point, %.3f s/point, top-1 %.4g",
+             n, prof.hvps / n, prof.seconds / n, float(prof.top_eigenvalues[0]))
+    return prof
+
+
+@dataclass
+class _Plan:
+    """The checked settings of one :func:`curvature_profile` call."""
+
+    device: torch.device
+    h: float
+    scheme: Scheme
+    k: int
+    shape: tuple[int, ...]
+    d: int
+    lanczos: bool
+    full_spectrum: bool
+    points_per_batch: int
+
+
+def _plan(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, h: float, k: int, device: torch.device | str,
+          scheme: Scheme, lanczos: bool, full_spectrum: bool | None, full_spectrum_max_dim: int,
+          points_per_batch: int) -> _Plan:
+    """Check the arguments and decide what to compute (Lanczos, the full matrix, or both)."""
     _check_scheme(scheme)
     check_batch(x, y)
     if scheme != "exact":
@@ -312,7 +259,6 @@ def curvature_profile(
     if points_per_batch < 1:
         raise UsageError(f"points_per_batch must be at least 1, got {points_per_batch}")
     dev = check_device(model, device)
-    n = len(x)
     shape = tuple(x.shape[1:])
     d = int(np.prod(shape))
     if full_spectrum is None:
@@ -324,178 +270,115 @@ def curvature_profile(
         raise UsageError("nothing to compute: enable lanczos or full_spectrum")
     if k > d:
         raise UsageError(f"k = {k} exceeds the input dimension {d}")
-    if lanczos and points_per_batch > 1 and not _arpack_is_reentrant():
+    if lanczos and points_per_batch > 1 and not arpack_is_reentrant():
         log.info("this SciPy's ARPACK is not re-entrant: running eigsh one point at a time")
         points_per_batch = 1
-    x, y = x.to(dev), y.to(dev)
-    tops: list[np.ndarray | None] = [None] * n
-    bottoms: list[np.ndarray | None] = [None] * n
-    vectors: list[np.ndarray | None] = [None] * n
-    residuals = [float("nan")] * n
-    rayleighs = [float("nan")] * n
-    fulls: list[np.ndarray | None] = [None] * n
-    hvps = [0] * n
-    seconds = [0.0] * n
-    diffs = [float("nan")] * n
-    with eval_mode(model):
-        grad_x = _grads(model, x, y, chunk_size)[1] if scheme == "forward" else None
-
-        def compute(batch: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
-            pts, blocks = [], []
-            for i, block in batch:
-                pts.append(torch.full((block.shape[1],), i, dtype=torch.long))
-                blocks.append(block.T)
-                hvps[i] += block.shape[1]
-            dirs = torch.as_tensor(np.ascontiguousarray(np.concatenate(blocks)), device=dev)
-            dirs = dirs.to(x.dtype).reshape(-1, *shape)
-            out = _hvp_pairs(model, x, y, torch.cat(pts).to(dev), dirs, h=h, scheme=scheme,
-                             chunk_size=chunk_size, grad_x=grad_x)
-            flat = out.reshape(len(out), -1).double().cpu().numpy()
-            res, s = [], 0
-            for _, block in batch:
-                res.append(flat[s:s + block.shape[1]].T)
-                s += block.shape[1]
-            return res
-
-        bar = tqdm(total=n, desc="curvature profile", unit="pt", disable=not progress, leave=False)
-        try:
-            if lanczos:
-                for g0 in range(0, n, points_per_batch):
-                    group = list(range(g0, min(n, g0 + points_per_batch)))
-                    t0 = time.perf_counter()
-                    _lanczos_group(group, compute, d=d, k=k, tol=tol, maxiter=maxiter, ncv=ncv,
-                                   seed=seed, tops=tops, bottoms=bottoms, vectors=vectors,
-                                   residuals=residuals, rayleighs=rayleighs,
-                                   bar=None if full_spectrum else bar)
-                    dt = (time.perf_counter() - t0) / len(group)
-                    for i in group:
-                        seconds[i] += dt
-            if full_spectrum:
-                eye = torch.eye(d, dtype=x.dtype, device=dev).reshape(d, *shape)
-                per_call = max(1, chunk_size // (2 * d))  # points whose d HVPs fit one chunk
-                for g0 in range(0, n, per_call):
-                    group = list(range(g0, min(n, g0 + per_call)))
-                    t0 = time.perf_counter()
-                    pts = torch.arange(g0, g0 + len(group), device=dev).repeat_interleave(d)
-                    cols = _hvp_pairs(model, x, y, pts, eye.repeat(len(group), *([1] * len(shape))),
-                                      h=h, scheme=scheme, chunk_size=chunk_size, grad_x=grad_x)
-                    mats = cols.reshape(len(group), d, d).transpose(1, 2).double()
-                    mats = 0.5 * (mats + mats.transpose(1, 2))
-                    evals, evecs = torch.linalg.eigh(mats)
-                    dt = (time.perf_counter() - t0) / len(group)
-                    for j, i in enumerate(group):
-                        spec = evals[j].flip(0).cpu().numpy()
-                        fulls[i] = spec
-                        hvps[i] += d
-                        seconds[i] += dt
-                        if lanczos:
-                            t, b = tops[i], bottoms[i]
-                            assert t is not None and b is not None
-                            diffs[i] = float(max(np.max(np.abs(t - spec[:k])),
-                                                 np.max(np.abs(b - spec[::-1][:k]))))
-                        else:
-                            tops[i] = spec[:k].copy()
-                            bottoms[i] = spec[::-1][:k].copy()
-                            vectors[i] = evecs[j, :, -1].cpu().numpy()
-                        bar.update(1)
-        finally:
-            bar.close()
-    points = []
-    for i in range(n):
-        t, b, v = tops[i], bottoms[i], vectors[i]
-        if t is None or b is None or v is None:
-            raise CureEvalError(f"no eigenvalues for point {i}")
-        points.append(PointSpectrum(index=i, top=t, bottom=b, top_vector=v, full=fulls[i],
-                                    hvps=hvps[i], seconds=seconds[i], residual=residuals[i],
-                                    lanczos_vs_full=diffs[i], rayleigh=rayleighs[i]))
-    prof = CurvatureProfile(points=points, h=float(h), scheme=scheme, k=k, dim=d, settings={
-        "lanczos": lanczos, "full_spectrum": bool(full_spectrum), "tol": tol, "maxiter": maxiter,
-        "ncv": ncv, "points_per_batch": points_per_batch, "seed": seed})
-    log.info("curvature profile of %d points: %.1f HVPs/point, %.3f s/point, top-1 %.4g",
-             n, prof.hvps / n, prof.seconds / n, float(prof.top_eigenvalues[0]))
-    return prof
+    return _Plan(device=dev, h=h, scheme=scheme, k=k, shape=shape, d=d, lanczos=lanczos,
+                 full_spectrum=bool(full_spectrum), points_per_batch=points_per_batch)
 
 
-def _lanczos_group(
-    group: list[int],
-    compute: Callable[[list[tuple[int, np.ndarray]]], list[np.ndarray]],
-    *,
-    d: int,
-    k: int,
-    tol: float,
-    maxiter: int | None,
-    ncv: int | None,
-    seed: int,
-    tops: list[np.ndarray | None],
-    bottoms: list[np.ndarray | None],
-    vectors: list[np.ndarray | None],
-    residuals: list[float],
-    rayleighs: list[float],
-    bar: Any,
-) -> None:
-    """Run one ``eigsh(which='BE')`` per point of ``group`` concurrently over a shared batcher."""
-    batcher = _HVPBatcher(compute, len(group))
-    errors: dict[int, BaseException] = {}
+class _Spectra:
+    """Per-point results as they are computed (Lanczos and the full matrix fill them in)."""
 
-    def solve(i: int) -> None:
-        try:
-            def apply(block: np.ndarray) -> np.ndarray:
-                return batcher.request(i, np.asarray(block, dtype=np.float64).reshape(d, -1))
+    def __init__(self, n: int) -> None:
+        self.tops: list[np.ndarray | None] = [None] * n
+        self.bottoms: list[np.ndarray | None] = [None] * n
+        self.vectors: list[np.ndarray | None] = [None] * n
+        self.residuals = [float("nan")] * n
+        self.rayleighs = [float("nan")] * n
+        self.fulls: list[np.ndarray | None] = [None] * n
+        self.hvps = [0] * n
+        self.seconds = [0.0] * n
+        self.diffs = [float("nan")] * n
 
-            op = BlockOperator(d, apply)
-            v0 = np.random.default_rng([seed, i]).standard_normal(d)
-            try:
-                _, vecs = eigsh(op, k=2 * k, which="BE", v0=v0, tol=tol, ncv=ncv,
-                                maxiter=maxiter if maxiter is not None else 20 * d)
-            except ArpackNoConvergence as exc:
-                log.warning("point %d: eigsh converged for %d of %d eigenpairs; using those",
-                            i, len(exc.eigenvalues), 2 * k)
-                vecs = exc.eigenvectors
-                if vecs.shape[1] == 0:
-                    raise CureEvalError(f"eigsh did not converge for point {i}: raise maxiter or tol") from exc
-            theta, ritz, res = _sym_rayleigh_ritz(apply, vecs)
-            top = theta[::-1][:k]
-            bottom = theta[:k]
-            if len(theta) < 2 * k:  # partial convergence: pad with NaN
-                top = np.pad(top, (0, k - len(top)), constant_values=np.nan)
-                bottom = np.pad(bottom, (0, k - len(bottom)), constant_values=np.nan)
-            tops[i], bottoms[i] = top.copy(), bottom.copy()
-            v = ritz[:, -1] / np.linalg.norm(ritz[:, -1])
-            vectors[i] = v
-            residuals[i] = float(np.max(res))
-            rayleighs[i] = float(v @ apply(v[:, None])[:, 0])
-        except _Cancelled:
-            pass
-        except BaseException as exc:
-            errors[i] = exc
-            batcher.cancel(exc)
-        finally:
-            batcher.leave()
-            if bar is not None:
-                bar.update(1)
+    def points(self) -> list[PointSpectrum]:
+        points = []
+        for i in range(len(self.tops)):
+            t, b, v = self.tops[i], self.bottoms[i], self.vectors[i]
+            if t is None or b is None or v is None:
+                raise CureEvalError(f"no eigenvalues for point {i}")
+            points.append(PointSpectrum(index=i, top=t, bottom=b, top_vector=v, full=self.fulls[i],
+                                        hvps=self.hvps[i], seconds=self.seconds[i], residual=self.residuals[i],
+                                        lanczos_vs_full=self.diffs[i], rayleigh=self.rayleighs[i]))
+        return points
 
-    if len(group) == 1:
-        solve(group[0])
-    else:
-        threads = [threading.Thread(target=solve, args=(i,), daemon=True, name=f"eigsh-{i}")
-                   for i in group]
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.5)
-        except BaseException as exc:  # Ctrl-C in the main thread: release the workers
-            batcher.cancel(exc)
-            raise
-    failure = batcher.error
-    if failure is not None and not isinstance(failure, Exception):
-        raise failure  # KeyboardInterrupt / SystemExit inside a batched product
-    if not errors and failure is not None:
-        errors[group[0]] = failure
-    if errors:
-        first = errors[min(errors)]
-        if isinstance(first, CureEvalError):
-            raise first
-        raise CureEvalError(f"curvature profile failed at point {min(errors)}: "
-                            f"{type(first).__name__}: {first}") from first
+
+class _BatchedProducts:
+    """Hessian-vector products of many points in one batched call; counts them per point."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: _Plan, *, chunk_size: int,
+                 grad_x: torch.Tensor | None, hvps: list[int]) -> None:
+        self.model, self.x, self.y, self.plan = model, x, y, plan
+        self.chunk_size, self.grad_x, self.hvps = chunk_size, grad_x, hvps
+
+    def columns(self, pts: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+        """``A_{pts[j]} dirs[j]`` for every row ``j`` (images of the input's shape)."""
+        return _hvp_pairs(self.model, self.x, self.y, pts, dirs, h=self.plan.h, scheme=self.plan.scheme,
+                          chunk_size=self.chunk_size, grad_x=self.grad_x)
+
+    def __call__(self, batch: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """One round of the Lanczos solves: ``[(point, block (d, m))]`` -> ``[A block]``."""
+        pts, blocks = [], []
+        for i, block in batch:
+            pts.append(torch.full((block.shape[1],), i, dtype=torch.long))
+            blocks.append(block.T)
+            self.hvps[i] += block.shape[1]
+        dev = self.plan.device
+        dirs = torch.as_tensor(np.ascontiguousarray(np.concatenate(blocks)), device=dev)
+        dirs = dirs.to(self.x.dtype).reshape(-1, *self.plan.shape)
+        out = self.columns(torch.cat(pts).to(dev), dirs)
+        flat = out.reshape(len(out), -1).double().cpu().numpy()
+        res, s = [], 0
+        for _, block in batch:
+            res.append(flat[s:s + block.shape[1]].T)
+            s += block.shape[1]
+        return res
+
+
+def _lanczos_points(products: _BatchedProducts, plan: _Plan, acc: _Spectra, *, tol: float, maxiter: int | None,
+                    ncv: int | None, seed: int, bar: Any) -> None:
+    """Top/bottom-k by Lanczos, ``points_per_batch`` points at a time."""
+    n = len(acc.tops)
+    for g0 in range(0, n, plan.points_per_batch):
+        group = list(range(g0, min(n, g0 + plan.points_per_batch)))
+        t0 = time.perf_counter()
+        found = lanczos_group(group, products, d=plan.d, k=plan.k, tol=tol, maxiter=maxiter, ncv=ncv,
+                              seed=seed, bar=bar)
+        for i, r in found.items():
+            acc.tops[i], acc.bottoms[i], acc.vectors[i] = r.top, r.bottom, r.vector
+            acc.residuals[i], acc.rayleighs[i] = r.residual, r.rayleigh
+        dt = (time.perf_counter() - t0) / len(group)
+        for i in group:
+            acc.seconds[i] += dt
+
+
+def _full_spectra(products: _BatchedProducts, plan: _Plan, acc: _Spectra, *, bar: Any) -> None:
+    """The full d×d matrix per point (d products against the identity), symmetrised, ``eigh``;
+    compared with Lanczos when it ran, else the source of top/bottom-k and the top vector."""
+    n, d, k, shape, x = len(acc.tops), plan.d, plan.k, plan.shape, products.x
+    eye = torch.eye(d, dtype=x.dtype, device=plan.device).reshape(d, *shape)
+    per_call = max(1, products.chunk_size // (2 * d))  # points whose d HVPs fit one chunk
+    for g0 in range(0, n, per_call):
+        group = list(range(g0, min(n, g0 + per_call)))
+        t0 = time.perf_counter()
+        pts = torch.arange(g0, g0 + len(group), device=plan.device).repeat_interleave(d)
+        cols = products.columns(pts, eye.repeat(len(group), *([1] * len(shape))))
+        mats = cols.reshape(len(group), d, d).transpose(1, 2).double()
+        mats = 0.5 * (mats + mats.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(mats)
+        dt = (time.perf_counter() - t0) / len(group)
+        for j, i in enumerate(group):
+            spec = evals[j].flip(0).cpu().numpy()
+            acc.fulls[i] = spec
+            acc.hvps[i] += d
+            acc.seconds[i] += dt
+            if plan.lanczos:
+                t, b = acc.tops[i], acc.bottoms[i]
+                if t is None or b is None:
+                    raise CureEvalError(f"no Lanczos eigenvalues for point {i}")
+                acc.diffs[i] = float(max(np.max(np.abs(t - spec[:k])), np.max(np.abs(b - spec[::-1][:k]))))
+            else:
+                acc.tops[i] = spec[:k].copy()
+                acc.bottoms[i] = spec[::-1][:k].copy()
+                acc.vectors[i] = evecs[j, :, -1].cpu().numpy()
+            bar.update(1)

@@ -25,12 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..cure import cure_direction  # noqa: F401  (re-exported: one definition, in the regulariser)
 from ..errors import UsageError
 from ._util import check_batch, check_device, check_positive, eval_mode, generator
 from .hessian import Scheme, _check_scheme, _grads, _hvp_pairs
 
 log = logging.getLogger(__name__)
+
+
+def cure_direction(grad: torch.Tensor) -> torch.Tensor:
+    """``z = sign(g) / ||sign(g)||₂`` per sample, detached (zero where the gradient is zero):
+    CURE's direction, used by the regulariser (:mod:`cure_eval.training.cure`) and measured here."""
+    s = torch.sign(grad.detach())
+    norm = s.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return s / norm.view(-1, *([1] * (s.dim() - 1)))
 
 
 def gradient_alignment(grad: torch.Tensor | np.ndarray, u: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The library's pipelines, in [0, 1] units: what the CLIs call after parsing their arguments.
 
-* :mod:`~cure_eval.pipelines.train` — :func:`run_defend`, :func:`standard_model`, :func:`train_method`;
+* :mod:`~cure_eval.training.pipeline` (the training package; ``pipelines.train`` re-exports it
+  until 0.3) — :func:`run_defend`, :func:`standard_model`, :func:`train_method`;
 * the audit pipeline moved to :mod:`cure_eval.auditing` (:func:`audit_model`, :func:`audit_models`,
   :func:`load_audit_model`; re-exported here and from ``pipelines.audit`` until 0.3);
 * :mod:`~cure_eval.pipelines.reproduce` — :func:`run_reproduce`.
@@ -9,8 +10,14 @@
 from __future__ import annotations
 
 from ..auditing import AuditOptions, audit_model, audit_models, load_audit_model
+from ..training.pipeline import (
+    DefendResult,
+    DefendSettings,
+    run_defend,
+    standard_model,
+    train_method,
+)
 from .reproduce import ReproduceSettings, run_reproduce
-from .train import DefendResult, DefendSettings, run_defend, standard_model, train_method
 
 __all__ = [
     "AuditOptions",

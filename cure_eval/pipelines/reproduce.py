@@ -20,11 +20,11 @@ from tabulate import tabulate
 
 from .. import __version__
 from ..data import DatasetSpec, load_dataset, select_points
-from ..io import save_figure, write_json_atomic, write_text_atomic
-from ..methods import Method, config_dict, get_method
+from ..io import new_figure, save_figure, write_json_atomic, write_text_atomic
 from ..models import ModelConfig, count_parameters, create_model
+from ..training.methods import Method, config_dict, get_method
+from ..training.pipeline import standard_model, train_method
 from .audit import AuditOptions, attack_label, audit_model, has_geometry, number
-from .train import standard_model, train_method
 
 log = logging.getLogger("cure_eval.reproduce")
 
@@ -264,12 +264,8 @@ def render_report(results: dict[str, Any], *, argv_text: str, out: Path) -> str:
 
 
 def _plot_eps_curves(audits: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = new_figure(5.5, 3.8, dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
     for name, a in audits.items():
         sw = a.get("eps_sweep")
         if sw:
@@ -281,4 +277,3 @@ def _plot_eps_curves(audits: dict[str, dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
-    plt.close(fig)

@@ -47,8 +47,8 @@ from torch import nn
 from cure_eval.attacks.deepfool import foolbox_deepfool
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.methods import Method, MethodConfig, StepStats
 from cure_eval.modes import eval_mode
+from cure_eval.training.methods import Method, MethodConfig, StepStats
 
 
 @contextlib.contextmanager

@@ -51,8 +51,8 @@ from torch.nn.modules.conv import _ConvNd
 
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.method_helpers import AttackBN, digits_or_cifar_defaults
-from cure_eval.methods import Method, MethodConfig, StepStats, TrainContext
+from cure_eval.training.method_helpers import AttackBN, digits_or_cifar_defaults
+from cure_eval.training.methods import Method, MethodConfig, StepStats, TrainContext
 
 #: keeps ``d / ||d||`` finite for an all-zero gradient (the reference code's 1e-20)
 _TINY = 1e-20

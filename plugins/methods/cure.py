@@ -1,7 +1,7 @@
 """``cure``: curvature regularisation (Moosavi-Dezfooli et al., CVPR 2019,
 https://arxiv.org/abs/1811.09716, §4), fine-tuning a pre-trained normal model.
 
-Objective ``ℓ + γ ||∇ℓ(u + h z) − ∇ℓ(u)||²`` (see :mod:`cure_eval.cure`), with ``h`` ramped
+Objective ``ℓ + γ ||∇ℓ(u + h z) − ∇ℓ(u)||²`` (see :mod:`cure_eval.training.cure`), with ``h`` ramped
 linearly over the first ``h_ramp_epochs`` epochs (epoch e uses ``h·min(1, (e+1)/h_ramp_epochs)``).
 
 ``h`` and ``γ`` are in the units of the reference code and the paper: the regulariser is computed on
@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cure_eval.cure import BN_MODES, BNMode, cure_terms, pixel_step, rms_std
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
 from cure_eval.geometry import curvature_summaries
-from cure_eval.methods import Method, MethodConfig, StepStats
+from cure_eval.training.cure import BN_MODES, BNMode, cure_terms, pixel_step, rms_std
+from cure_eval.training.methods import Method, MethodConfig, StepStats
 
 
 @dataclass
@@ -39,7 +39,7 @@ class CureConfig(MethodConfig):
             ``gamma_milestones[i]`` on (0-based; default: constant γ). SVHN default: the paper's
             γ = 4, 8, 12 for 10, 5, 5 epochs.
         squared: ``||Δg||²`` as in the paper (True) or ``||Δg||`` as in the reference code.
-        bn_mode: BatchNorm and dropout in the regulariser passes (:mod:`cure_eval.cure`): ``eval``
+        bn_mode: BatchNorm and dropout in the regulariser passes (:mod:`cure_eval.training.cure`): ``eval``
             (default; the reference code: whole network in eval mode, 3 forwards per step),
             ``quick_fix`` (the first author's later branch, ported exactly: eval-mode ``z``, train-
             mode regulariser passes that update the running statistics, 4 forwards), ``train``

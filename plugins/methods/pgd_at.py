@@ -26,7 +26,7 @@ and 154, weight decay 2e-4; our SGD uses Nesterov momentum where Madry's used pl
 digits: Adam 1e-3 cosine, batch 64, 15 epochs, as ``standard``.
 
 The helpers it shares with ``trades`` and ``awp`` live in the core:
-:func:`cure_eval.attacks.pgd.pgd_linf` and :mod:`cure_eval.method_helpers`. Nothing here has
+:func:`cure_eval.attacks.pgd.pgd_linf` and :mod:`cure_eval.training.method_helpers`. Nothing here has
 state beyond the model and optimiser: resuming is exact.
 """
 
@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cure_eval.attacks.pgd import pgd_linf
-from cure_eval.method_helpers import (
+from cure_eval.training.method_helpers import (
     AttackBN,
     Forward,
     InnerAttackMethod,
     attack_mode,
 )
-from cure_eval.methods import MethodConfig, StepStats
+from cure_eval.training.methods import MethodConfig, StepStats
 
 
 @dataclass

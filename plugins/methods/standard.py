@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cure_eval.data import DatasetSpec
-from cure_eval.methods import Method, MethodConfig, StepStats
+from cure_eval.training.methods import Method, MethodConfig, StepStats
 
 
 @dataclass

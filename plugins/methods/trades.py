@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_eval.method_helpers import (
+from cure_eval.training.method_helpers import (
     AttackBN,
     Forward,
     InnerAttackMethod,
     attack_mode,
 )
-from cure_eval.methods import MethodConfig, StepStats
+from cure_eval.training.methods import MethodConfig, StepStats
 
 
 def trades_kl(logits_adv: torch.Tensor, logits_nat: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
