@@ -231,7 +231,7 @@ def parse_method_args(cls: type[Method[Any]], items: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep:
-            raise UsageError(f"--method-arg {item!r} must look like key=value")
+            raise UsageError(f"method option {item!r} must look like key=value")
         if key not in fields:
             raise UsageError(f"method {cls.name!r} has no option {key!r} (options: {', '.join(sorted(fields))})")
         out[key] = _coerce(raw, fields[key].default, key, str(fields[key].type))
@@ -260,5 +260,5 @@ def _coerce(raw: str, default: Any, key: str, declared: str = "") -> Any:
             conv = float if "float" in declared else int
             return tuple(conv(v) for v in raw.split(",") if v)
     except ValueError:
-        raise UsageError(f"--method-arg {key}={raw!r}: expected a {type(default).__name__}") from None
+        raise UsageError(f"method option {key}={raw!r}: expected a {type(default).__name__}") from None
     return raw

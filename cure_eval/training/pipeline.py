@@ -158,7 +158,7 @@ def _check_batch_sizes(s: DefendSettings) -> None:
     for cfg in (s.method_cfg, *(() if s.init else (s.std_cfg,))):
         if cfg.batch_size % world:  # each rank trains on batch_size / world of every global batch
             raise UsageError(f"batch size {cfg.batch_size} is not divisible by the {world} processes: "
-                             f"pass a --batch-size that is a multiple of {world}")
+                             f"pass a `batch_size` that is a multiple of {world}")
 
 
 def _load_data(s: DefendSettings) -> _Data:
@@ -288,7 +288,7 @@ def wci_tracker(s: DefendSettings, data: _Data) -> WCITracker:
     """The run's WCI tracker: ``s.wci_probe_n`` seeded training points (not augmented) and as many
     seeded evaluation points, the run's ε, the audit's PGD (10 steps) and seed."""
     if s.wci_probe_n < 1:
-        raise UsageError(f"--wci-probe-n must be positive, got {s.wci_probe_n}")
+        raise UsageError(f"`wci_probe_n` must be positive, got {s.wci_probe_n}")
     n_tr, n_te = min(s.wci_probe_n, len(data.x_train)), min(s.wci_probe_n, len(data.x_test))
     itr, ite = select_points(len(data.x_train), n_tr, s.seed), select_points(len(data.x_test), n_te, s.seed)
     return WCITracker(train_probe=(data.x_train[itr], data.y_train[itr]), test_probe=(data.x_test[ite], data.y_test[ite]),

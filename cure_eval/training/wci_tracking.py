@@ -155,7 +155,7 @@ class WCILRPolicy:
         max_decays: at most this many decays (default 2).
         warmup: epochs ``1..warmup`` never count as rises (default 0). From a random
             initialisation WCI rises for the first few epochs as the weights grow, which the plain
-            rule reads as overfitting (on digits it cut the LR after epochs 3 and 5: README).
+            rule reads as overfitting (on digits it cut the LR after epochs 3 and 5: docs/wci.md).
         last: the previous epoch's WCI (None before the first epoch).
         rises: current run of consecutive rises.
         decay_epochs: 1-based epochs after which the LR was decayed.
@@ -271,7 +271,7 @@ def wci_hooks(tracker: WCITracker | None, policy: WCILRPolicy | None = None) -> 
     """
     if policy is not None and tracker is None:
         raise UsageError("the WCI learning-rate policy needs per-epoch WCI: pass a WCITracker as tracker "
-                         "(defend --track-wci)")
+                         "(`track_wci=True`)")
     hooks: list[EpochHook] = []
     if tracker is not None:
         hooks.append(WCITrackingHook(tracker))
@@ -307,7 +307,7 @@ def tracking_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     tracked = [r for r in rows if r.get("wci") is not None]
     if not tracked:
-        raise NotApplicable("no epoch has WCI: train with tracking on (defend --track-wci)")
+        raise NotApplicable("no epoch has WCI: train with tracking on (`track_wci=True`)")
     ep = [int(r["epoch"]) for r in tracked]
     rt = [float(r["robust_test"]) for r in tracked]
     best = int(np.argmax(rt))
