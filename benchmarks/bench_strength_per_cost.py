@@ -31,7 +31,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tabulate import tabulate
