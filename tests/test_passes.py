@@ -138,3 +138,34 @@ def test_every_registered_attack_counts_exactly(counted: SelfCounting, points: t
         assert c.passes.backward > 0, name
     else:
         assert c.passes.backward == 0, name
+
+
+@pytest.mark.parametrize("ranking", ["logit", "malt"])
+def test_hand_count_apgd_t_and_square_on_points_nobody_breaks(counted: SelfCounting,
+                                                              points: tuple[torch.Tensor, ...], ranking: str) -> None:
+    """At a radius too small to break anything every point runs every round, so the counts are
+    closed-form (from pyautoattack's source: a clean forward, then per target round ``steps + 1``
+    forward+backward passes of the whole batch, no early stop inside a run; Square: two clean
+    forwards, one per query, one of the result)."""
+    from cure_eval.attacks.apgd_t import APGDT, APGDTConfig
+    from cure_eval.attacks.square import Square, SquareConfig
+
+    x, y, idx = points
+    with torch.no_grad():
+        ok = counted(x).argmax(1) == y
+    x, y, idx = x[ok], y[ok], idx[ok]
+    n, k, steps, c = len(x), 3, 4, 10
+    ctx = AttackContext(model=counted, device=torch.device("cpu"), batch_size=64, progress=False, eps=1e-6,
+                        eps_l2=1e-6, seed=0)
+    with PassCounter(counted) as p:
+        APGDT(APGDTConfig(targets=k, ranking=ranking, steps=steps)).run(ctx, x, y, idx)  # type: ignore[arg-type]
+    probe = 1  # the plugin's one-row class count probe
+    if ranking == "logit":  # the target ranking is recomputed per round, as AutoAttack does
+        assert (p.passes.forward, p.passes.backward) == (probe + n + k * n * (steps + 2), k * n * (steps + 1))
+    else:  # the Jacobian once: one forward, C backward passes per point
+        assert (p.passes.forward, p.passes.backward) == (probe + 2 * n + k * n * (steps + 1),
+                                                         n * c + k * n * (steps + 1))
+    q = 7
+    with PassCounter(counted) as p:
+        Square(SquareConfig(queries=q)).run(ctx, x, y, idx)
+    assert (p.passes.forward, p.passes.backward) == (n * (q + 3), 0)
