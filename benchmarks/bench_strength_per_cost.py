@@ -102,6 +102,8 @@ def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
     suites["FGSM>PGD(20)>CE>T(malt,3)>Sq(1000)"] = [Step("FGSM", "fgsm"), pgd(20, eps), ce, apgd_t(3, "malt"),
                                                     square(1000)]
     suites["CE>SPSA(100it)"] = [ce, Step("SPSA", "spsa", SPSAConfig())]
+    for q in (100, 300, 1000, 5000):
+        suites[f"CE>Sq({q})"] = [ce, square(q)]
     return suites
 
 
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="20 points, two suites, Square(100): under a minute")
     ap.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (no disagreement columns)")
     ap.add_argument("--only", default="", help="comma-separated suite labels to run (default: all)")
+    ap.add_argument("--mask", choices=("none", "shattered", "vanishing", "stochastic"), default="none",
+                    help="wrap the model in a masking wrapper of cure_eval.testing (default: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -173,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         dataset, source = info.dataset, f"{args.checkpoint} ({info.method})"
     else:
         model, dataset, source = train_digits_model(args.seed), "digits", "small digits CNN trained inline"
+    if args.mask != "none":
+        from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits
+
+        wrap = {"shattered": lambda m: QuantizedInput(m, levels=8), "vanishing": lambda m: SaturatedLogits(m, scale=1e4),
+                "stochastic": lambda m: NoisyInput(m, sigma=0.1)}[args.mask]
+        model, source = wrap(model), f"{source}, {args.mask} (cure_eval.testing wrapper)"
     model = model.eval()
     n = 20 if args.tiny else args.n
     test = load_dataset(dataset, "test")

@@ -169,3 +169,16 @@ def test_hand_count_apgd_t_and_square_on_points_nobody_breaks(counted: SelfCount
     with PassCounter(counted) as p:
         Square(SquareConfig(queries=q)).run(ctx, x, y, idx)
     assert (p.passes.forward, p.passes.backward) == (n * (q + 3), 0)
+
+
+def test_run_counted_returns_the_attacks_own_passes(counted: SelfCounting, points: tuple[torch.Tensor, ...]) -> None:
+    from cure_eval.attacks.passes import run_counted
+
+    x, y, idx = points
+    ctx = AttackContext(model=counted, device=torch.device("cpu"), batch_size=64, progress=False, eps=EPS,
+                        eps_l2=EPS, seed=0)
+    counted.reset()
+    out, passes = run_counted(get_attack("fgsm")(), ctx, x, y, idx)
+    assert out.x_adv.shape == x.shape and (passes.forward, passes.backward) == (len(x), len(x))
+    assert passes.as_dict()["forward"] == counted.f_rows and passes.per_point(len(x)) == {"forward": 1.0,
+                                                                                          "backward": 1.0}

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
+from .base import Attack, AttackContext, AttackOutput
 
 
 @dataclass
@@ -173,3 +174,13 @@ def count_passes(model: nn.Module) -> Iterator[Passes]:
     counter = PassCounter(model)
     with counter:
         yield counter.passes
+
+
+def run_counted(attack: Attack[Any], ctx: AttackContext, x: torch.Tensor, y: torch.Tensor,
+                ids: torch.Tensor) -> tuple[AttackOutput, Passes]:
+    """``attack.run(ctx, x, y, ids)`` inside a :class:`PassCounter` on ``ctx.model``: the output
+    and the passes the attack spent (the caller's own evaluation of the returned points is not in
+    it). The one call a unit of work needs to record ``passes`` per attack."""
+    with PassCounter(ctx.model) as counter:
+        out = attack.run(ctx, x, y, ids)
+    return out, counter.passes
