@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--tiny", action="store_true", help="20 points, two suites, Square(100): under a minute")
     ap.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (no disagreement columns)")
-    ap.add_argument("--only", default="", help="comma-separated suite labels to run (default: all)")
+    ap.add_argument("--only", default="", help="';'-separated suite labels to run (labels contain commas; "
+                    "default: all)")
     ap.add_argument("--mask", choices=("none", "shattered", "vanishing", "stochastic"), default="none",
                     help="wrap the model in a masking wrapper of cure_eval.testing (default: none)")
     args = ap.parse_args(argv)
@@ -195,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
     suites = candidate_suites(eps, tiny=args.tiny)
     if args.only:
-        wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+        wanted = [s.strip() for s in args.only.split(";") if s.strip()]
+        unknown = sorted(set(wanted) - set(suites))
+        if unknown:
+            print(f"error: unknown suite {', '.join(unknown)}: choose from {'; '.join(suites)}", file=sys.stderr)
+            return 2
         suites = {k: v for k, v in suites.items() if k in wanted}
     outcomes = [run_cascade(model, x, y, idx, steps, eps=eps, seed=args.seed, batch_size=args.batch_size, label=lab)
                 for lab, steps in suites.items()]
