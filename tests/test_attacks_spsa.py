@@ -164,3 +164,30 @@ def test_rejects_bad_settings(trained_digits_model, digits_test):
                                      epsilons=[EPS])
     with pytest.raises(UsageError):
         LinfSPSAAttack(iterations=1)(fmodel, x[:2], y[:2], epsilons=[EPS], point_ids=[1, 2, 3])
+
+
+def test_plateau_stop_saves_passes_only_where_the_loss_stalls(trained_digits_model, digits_test):
+    """plateau_window stops the points whose best margin stopped improving; off (0) is the
+    reference semantics: every unbroken point runs all iterations."""
+    x, y = digits_test[0][:12], digits_test[1][:12]
+    model = trained_digits_model.eval()
+    ref = spsa_attack(model, x, y, eps=4 / 255, iterations=30, samples=32, seed=1)
+    cut = spsa_attack(model, x, y, eps=4 / 255, iterations=30, samples=32, seed=1, plateau_window=5, plateau_tol=0.5)
+    robust = ~ref.success
+    assert int(robust.sum()) > 0 and bool((ref.iterations[robust] == 30).all())
+    assert cut.model_inputs < ref.model_inputs
+    stopped = cut.iterations < ref.iterations
+    assert bool(stopped.any()) and bool((cut.iterations[stopped] % 5 == 0).all())
+    # identical up to the stop: the same random streams, so a point that ran to the end is the same
+    same = cut.iterations == ref.iterations
+    assert torch.equal(cut.x_adv[same], ref.x_adv[same])
+    assert float((cut.x_adv - x).abs().max()) <= 4 / 255 + 1e-6
+    # a constant model never improves: every point stops at the first window
+    const = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    nn.init.zeros_(const[1].weight)
+    with torch.no_grad():
+        const[1].bias.copy_(torch.arange(10.0))
+    out = spsa_attack(const, x, torch.full((12,), 9), eps=4 / 255, iterations=30, samples=8, plateau_window=5)
+    assert bool((out.iterations == 5).all())
+    with pytest.raises(UsageError, match="plateau"):
+        spsa_attack(model, x, y, eps=4 / 255, plateau_window=-1)

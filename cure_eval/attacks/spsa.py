@@ -259,6 +259,8 @@ def spsa_attack(
     point_ids: torch.Tensor | Sequence[int] | None = None,
     random_start: bool = True,
     early_stop: bool = True,
+    plateau_window: int = 0,
+    plateau_tol: float = 0.0,
     beta1: float = 0.9,
     beta2: float = 0.999,
     adam_eps: float = 1e-8,
@@ -284,6 +286,11 @@ def spsa_attack(
             and directions depend only on ``(seed, id)``. Default ``0..N-1``.
         random_start: start from a uniform point of the ε-ball. Default True.
         early_stop: stop a point as soon as it is misclassified. Default True.
+        plateau_window: stop a point that is still classified correctly once its best margin has
+            improved by at most ``plateau_tol`` × its margin at the start of the window over the
+            last ``plateau_window`` iterations (checked every ``plateau_window`` iterations).
+            Default 0: off, the reference semantics (Uesato et al.: a fixed number of iterations).
+        plateau_tol: the relative improvement below which a window counts as a plateau. Default 0.
         beta1, beta2, adam_eps: Adam constants. Defaults 0.9, 0.999, 1e-8.
         callback: called as ``callback(iteration, still_running)`` after each iterate check.
 
@@ -291,6 +298,8 @@ def spsa_attack(
         :class:`SPSAOutput`; ``x_adv`` is the best iterate per point, inside the ε-ball ∩ bounds.
     """
     _check_settings(iterations=iterations, lr=lr, delta=delta, samples=samples, max_batch=max_batch)
+    if plateau_window < 0 or plateau_tol < 0:
+        raise UsageError(f"SPSA plateau_window and plateau_tol must be >= 0, got {plateau_window}, {plateau_tol}")
     if eps < 0:
         raise UsageError(f"SPSA eps must be >= 0, got {eps}")
     start = time.perf_counter()
@@ -315,6 +324,7 @@ def spsa_attack(
         best_success = torch.zeros(n, dtype=torch.bool, device=x.device)
         steps = torch.zeros(n, dtype=torch.long, device=x.device)
         active = torch.arange(n, device=x.device)
+        window_margin = torch.full((n,), math.inf, dtype=xf.dtype, device=x.device)
         for t in range(iterations + 1):
             za = z[active]
             logits = _batched_logits(logits_fn, za.reshape(len(za), *shape), max_batch)
@@ -330,6 +340,13 @@ def spsa_attack(
             best[upd] = za[better]
             if early_stop:
                 active, za = active[~success], za[~success]
+            if plateau_window > 0 and t % plateau_window == 0:
+                if t > 0:
+                    ref = window_margin[active]
+                    stalled = (ref - best_margin[active]) <= plateau_tol * ref.abs()
+                    stalled &= ~best_success[active]
+                    active, za = active[~stalled], za[~stalled]
+                window_margin[active] = best_margin[active]
             if callback is not None:
                 callback(t, len(active))
             if t == iterations or len(active) == 0:
@@ -381,6 +398,8 @@ class LinfSPSAAttack(FixedEpsilonAttack):
         seed: base seed of the per-point random streams. Default 0.
         random_start: uniform random start in the ε-ball. Default True.
         early_stop: stop each point once misclassified. Default True.
+        plateau_window, plateau_tol: stop a point whose best margin stalls (see
+            :func:`spsa_attack`). Default 0, 0.0: off (the reference semantics).
         callback: ``callback(iteration, still_running)`` after each iterate check.
     """
 
@@ -397,6 +416,8 @@ class LinfSPSAAttack(FixedEpsilonAttack):
         seed: int = 0,
         random_start: bool = True,
         early_stop: bool = True,
+        plateau_window: int = 0,
+        plateau_tol: float = 0.0,
         callback: ProgressCallback | None = None,
     ) -> None:
         _check_settings(iterations=iterations, lr=lr, delta=delta, samples=samples, max_batch=max_batch)
@@ -408,6 +429,8 @@ class LinfSPSAAttack(FixedEpsilonAttack):
         self.seed = seed
         self.random_start = random_start
         self.early_stop = early_stop
+        self.plateau_window = plateau_window
+        self.plateau_tol = plateau_tol
         self.callback = callback
         self.last_output: SPSAOutput | None = None
         self.outputs: dict[float, SPSAOutput] = {}
@@ -416,7 +439,8 @@ class LinfSPSAAttack(FixedEpsilonAttack):
     def __repr__(self) -> str:
         return (f"LinfSPSAAttack(iterations={self.iterations}, lr={self.lr}, delta={self.delta}, "
                 f"samples={self.samples}, max_batch={self.max_batch}, seed={self.seed}, "
-                f"random_start={self.random_start}, early_stop={self.early_stop})")
+                f"random_start={self.random_start}, early_stop={self.early_stop}, "
+                f"plateau_window={self.plateau_window}, plateau_tol={self.plateau_tol})")
 
     def run(
         self,
@@ -448,7 +472,8 @@ class LinfSPSAAttack(FixedEpsilonAttack):
             logits_fn, x0.raw, labels, eps=float(epsilon), bounds=(float(lo), float(hi)),
             iterations=self.iterations, lr=self.lr, delta=self.delta, samples=self.samples,
             max_batch=self.max_batch, seed=self.seed, point_ids=point_ids,
-            random_start=self.random_start, early_stop=self.early_stop, callback=self.callback,
+            random_start=self.random_start, early_stop=self.early_stop, plateau_window=self.plateau_window,
+            plateau_tol=self.plateau_tol, callback=self.callback,
         )
         if x0.raw is not self._last_inputs:  # a new __call__ (foolbox reuses x for every ε)
             self.outputs = {}
@@ -476,6 +501,8 @@ class SPSAConfig(AttackConfig):
     iterations: int = 100
     samples: int = 128
     max_batch: int = 1024
+    plateau_window: int = 0
+    plateau_tol: float = 0.0
 
 
 class SPSA(Attack[SPSAConfig]):
@@ -505,7 +532,8 @@ class SPSA(Attack[SPSAConfig]):
                 bar.set_postfix(running=running, refresh=False)
 
             attack = LinfSPSAAttack(iterations=c.iterations, samples=c.samples, max_batch=c.max_batch,
-                                    seed=ctx.seed, callback=callback)
+                                    seed=ctx.seed, plateau_window=c.plateau_window, plateau_tol=c.plateau_tol,
+                                    callback=callback)
             for s in chunks:
                 before = bar.n
                 sl = slice(s, s + SPSA_POINTS_PER_CALL)

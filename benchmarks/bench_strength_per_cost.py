@@ -1,0 +1,252 @@
+"""Strength per cost: candidate attack cascades against AutoAttack ``standard``, in passes.
+
+For one model and one set of points, each candidate suite runs as a cascade (each attack only on
+the points still robust after the earlier ones, always from the clean input), every attack inside
+its own :class:`cure_eval.attacks.passes.PassCounter`; AutoAttack ``standard`` (the authors'
+``pyautoattack``, through :func:`cure_eval.attacks.run_autoattack`) runs on the same points,
+counted the same way. Printed side by side: worst-case robust accuracy, the per-point
+disagreement with AutoAttack (broken by AutoAttack and not by the suite, and the reverse),
+forward and backward passes (samples; per clean-correct point) and seconds.
+
+A point counts as broken by an attack when the model misclassifies the returned point, or the
+run's best point where the attack returns one (PGD's first misclassified iterate); the points are
+checked to lie in the ε-ball ∩ [0, 1]. The passes of each attack are its own (its ``run``) plus
+one forward per attacked point to evaluate what it returned.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --tiny      # < 1 min, asserts
+    OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --n 100     # the docs' table
+    OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --checkpoint runs/x/cure --n 360
+
+Without ``--checkpoint`` it trains the small digits CNN inline, as the tests do. ε defaults to
+the dataset's (32/255 on digits). Exits 1 when a figure is degenerate (a zero count for an attack
+that attacked points, a NaN ratio) or a returned point leaves the ε-ball.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from cure_eval.attacks import AttackConfig, AttackContext, get_attack, run_autoattack
+from cure_eval.attacks.apgd import APGDConfig
+from cure_eval.attacks.apgd_t import APGDTConfig
+from cure_eval.attacks.passes import PassCounter, Passes
+from cure_eval.attacks.pgd import PGDConfig
+from cure_eval.attacks.spsa import SPSAConfig
+from cure_eval.attacks.square import SquareConfig
+from cure_eval.data import get_dataset_spec, load_dataset, select_points
+from cure_eval.models import NormalizedModel
+from cure_eval.testing import small_cnn, train_plain
+
+EPS_TOL = 1e-5
+
+
+@dataclass
+class Step:
+    """One attack of a cascade: a label, the registered name and its config."""
+
+    label: str
+    name: str
+    config: AttackConfig | None = None
+
+
+@dataclass
+class Outcome:
+    label: str
+    robust: torch.Tensor  # after the whole cascade, over all points
+    passes: Passes = field(default_factory=Passes)
+    seconds: float = 0.0
+    per_attack: list[tuple[str, int, int, Passes, float]] = field(default_factory=list)
+
+
+def pgd(k: int, eps: float) -> Step:
+    """PGD(k) with step 2.5·ε/k (Madry et al.: the budget reaches the ball's boundary)."""
+    return Step(f"PGD({k})", f"pgd{k}", PGDConfig(alpha=2.5 * eps / k))
+
+
+def apgd_t(k: int, ranking: str) -> Step:
+    return Step(f"APGD-T({ranking},{k})", "apgd-t", APGDTConfig(targets=k, ranking=ranking))  # type: ignore[arg-type]
+
+
+def square(q: int) -> Step:
+    return Step(f"Square({q})", "square", SquareConfig(queries=q))
+
+
+def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
+    ce = Step("APGD-CE", "apgd-ce", APGDConfig())
+    dlr = Step("APGD-DLR", "apgd-dlr", APGDConfig())
+    if tiny:
+        return {
+            "FGSM>PGD(20)": [Step("FGSM", "fgsm"), pgd(20, eps)],
+            "CE>T(malt,3)>Sq(100)": [ce, apgd_t(3, "malt"), square(100)],
+        }
+    suites: dict[str, list[Step]] = {
+        "FGSM>PGD(20)": [Step("FGSM", "fgsm"), pgd(20, eps)],
+        "APGD-CE": [ce],
+        "CE>DLR": [ce, dlr],
+    }
+    for k in (1, 2, 3, 5, 9):
+        for ranking in ("logit", "malt"):
+            suites[f"CE>T({ranking},{k})"] = [ce, apgd_t(k, ranking)]
+    for q in (100, 300, 1000, 5000):
+        suites[f"CE>T(malt,3)>Sq({q})"] = [ce, apgd_t(3, "malt"), square(q)]
+    suites["FGSM>PGD(20)>CE>T(malt,3)>Sq(1000)"] = [Step("FGSM", "fgsm"), pgd(20, eps), ce, apgd_t(3, "malt"),
+                                                    square(1000)]
+    suites["CE>SPSA(100it)"] = [ce, Step("SPSA", "spsa", SPSAConfig())]
+    for q in (100, 300, 1000, 5000):
+        suites[f"CE>Sq({q})"] = [ce, square(q)]
+    return suites
+
+
+def _check_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, label: str) -> None:
+    d = (x_adv - x).flatten(1).abs().amax(1) if len(x) else torch.zeros(0)
+    if len(x) and (float(d.max()) > eps + EPS_TOL or float(x_adv.min()) < -EPS_TOL or float(x_adv.max()) > 1 + EPS_TOL):
+        raise SystemExit(f"FAIL: {label} returned a point outside the ε-ball ∩ [0, 1]")
+
+
+def run_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, steps: list[Step], *,
+                eps: float, seed: int, batch_size: int, label: str) -> Outcome:
+    ctx = AttackContext(model=model, device=torch.device("cpu"), batch_size=batch_size, progress=False, eps=eps,
+                        eps_l2=eps, seed=seed)
+    with torch.no_grad():
+        robust = model(x).argmax(1) == y
+    out = Outcome(label, robust)
+    for step in steps:
+        idx = robust.nonzero().flatten()
+        if not len(idx):
+            out.per_attack.append((step.label, 0, 0, Passes(), 0.0))
+            continue
+        cls = get_attack(step.name)
+        attack = cls(step.config)
+        start = time.perf_counter()
+        with PassCounter(model) as counter, torch.enable_grad():
+            o = attack.run(ctx, x[idx], y[idx], ids[idx])
+            mine = idx if o.attacked is None else idx[o.attacked]
+            _check_ball(x[mine], o.x_adv, eps, step.label)
+            with torch.no_grad():
+                fooled = model(o.x_adv).argmax(1) != y[mine]
+                if o.x_best is not None:
+                    _check_ball(x[mine], o.x_best, eps, step.label)
+                    fooled |= model(o.x_best).argmax(1) != y[mine]
+        secs = time.perf_counter() - start
+        robust = robust.clone()
+        robust[mine[fooled]] = False
+        out.passes = out.passes + counter.passes
+        out.seconds += secs
+        out.per_attack.append((step.label, len(mine), int(fooled.sum()), counter.passes, secs))
+    out.robust = robust
+    return out
+
+
+def train_digits_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    spec = get_dataset_spec("digits")
+    model = NormalizedModel(small_cnn(), spec.mean, spec.std)
+    xt, yt = load_dataset("digits", "train").tensors
+    return train_plain(model, xt, yt, epochs=15, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="cure_eval checkpoint (file or run folder); default: the digits CNN")
+    ap.add_argument("--n", type=int, default=100, help="test points (default 100)")
+    ap.add_argument("--eps", type=float, default=None, help="ℓ∞ radius in 1/255 units (default: the dataset's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--tiny", action="store_true", help="20 points, two suites, Square(100): under a minute")
+    ap.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (no disagreement columns)")
+    ap.add_argument("--only", default="", help="';'-separated suite labels to run (labels contain commas; "
+                    "default: all)")
+    ap.add_argument("--mask", choices=("none", "shattered", "vanishing", "stochastic"), default="none",
+                    help="wrap the model in a masking wrapper of cure_eval.testing (default: none)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        from cure_eval.checkpoint import load_checkpoint
+
+        model, info = load_checkpoint(args.checkpoint)
+        dataset, source = info.dataset, f"{args.checkpoint} ({info.method})"
+    else:
+        model, dataset, source = train_digits_model(args.seed), "digits", "small digits CNN trained inline"
+    if args.mask != "none":
+        from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits
+
+        wrap = {"shattered": lambda m: QuantizedInput(m, levels=8), "vanishing": lambda m: SaturatedLogits(m, scale=1e4),
+                "stochastic": lambda m: NoisyInput(m, sigma=0.1)}[args.mask]
+        model, source = wrap(model), f"{source}, {args.mask} (cure_eval.testing wrapper)"
+    model = model.eval()
+    n = 20 if args.tiny else args.n
+    test = load_dataset(dataset, "test")
+    idx = select_points(len(test), min(n, len(test)), args.seed)
+    x, y = test.tensors[0][idx], test.tensors[1][idx]
+    eps = (args.eps if args.eps is not None else get_dataset_spec(dataset).default_eps) / 255
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    n_ok = int(correct.sum())
+
+    suites = candidate_suites(eps, tiny=args.tiny)
+    if args.only:
+        wanted = [s.strip() for s in args.only.split(";") if s.strip()]
+        unknown = sorted(set(wanted) - set(suites))
+        if unknown:
+            print(f"error: unknown suite {', '.join(unknown)}: choose from {'; '.join(suites)}", file=sys.stderr)
+            return 2
+        suites = {k: v for k, v in suites.items() if k in wanted}
+    outcomes = [run_cascade(model, x, y, idx, steps, eps=eps, seed=args.seed, batch_size=args.batch_size, label=lab)
+                for lab, steps in suites.items()]
+    aa: Outcome | None = None
+    if not args.no_autoattack:
+        start = time.perf_counter()
+        with PassCounter(model) as counter:
+            run = run_autoattack(model, x, y, eps=eps, device="cpu", version="standard", seed=args.seed,
+                                 batch_size=args.batch_size)
+        aa = Outcome("AutoAttack standard", run.robust(y) & correct, counter.passes, time.perf_counter() - start)
+        aa.per_attack = [(s, 0, int((run.broken_by == k).sum()), Passes(), run.seconds.get(s, 0.0))
+                         for k, s in enumerate(run.sub_attacks)]
+
+    bad: list[str] = []
+    rows = []
+    aa_fb = aa.passes.total if aa is not None else float("nan")
+    for o in [*outcomes, *([aa] if aa is not None else [])]:
+        acc = float(o.robust.double().mean())
+        aa_only = suite_only = float("nan")
+        if aa is not None and o is not aa:
+            aa_only = int((o.robust & ~aa.robust).sum())
+            suite_only = int((~o.robust & aa.robust & correct).sum())
+        ratio = o.passes.total / aa_fb if aa is not None else float("nan")
+        rows.append([o.label, f"{100 * acc:.1f}", aa_only, suite_only, f"{o.passes.forward / max(n_ok, 1):,.0f}",
+                     f"{o.passes.backward / max(n_ok, 1):,.0f}", f"{ratio:.3f}", f"{o.seconds:.1f}"])
+        for lab, attacked, _broke, p, _s in o.per_attack:
+            if attacked and p.forward <= 0:
+                bad.append(f"{o.label}/{lab}: zero forward passes on {attacked} points")
+        if o.passes.forward <= 0 or (aa is not None and math.isnan(ratio)):
+            bad.append(f"{o.label}: degenerate figures (forward {o.passes.forward}, ratio {ratio})")
+    print(f"model: {source}; dataset {dataset}; n = {len(x)} (clean-correct {n_ok}); eps = {eps * 255:g}/255; "
+          f"seed {args.seed}; 1 thread; setup {time.perf_counter() - t0:.0f}s total")
+    print(tabulate(rows, headers=["suite (cascade)", "worst-case acc %", "AA breaks, suite not",
+                                  "suite breaks, AA not", "fwd / pt", "bwd / pt", "(f+b) / AA's", "seconds"]))
+    print("\nper attack (attacked points, broken, forward, backward, seconds):")
+    for o in outcomes:
+        print(f"  {o.label}: " + "; ".join(f"{lab} {a}/{b} f{p.forward:,} b{p.backward:,} {s:.1f}s"
+                                            for lab, a, b, p, s in o.per_attack))
+    if aa is not None:
+        print("  AutoAttack broke per sub-attack: " + ", ".join(f"{lab} {b} ({s:.1f}s)"
+                                                              for lab, _a, b, _p, s in aa.per_attack))
+    if bad:
+        print("FAIL: " + "; ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
