@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -28,9 +30,12 @@ from cure_eval.attacks import run_suite
 from cure_eval.attacks.passes import PassCounter
 from cure_eval.attacks.spsa import SPSAConfig
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
-from cure_eval.masking import NoisyInput, QuantizedInput, SaturatedLogits, run_masking_check
+from cure_eval.masking import run_masking_check
 from cure_eval.models import NormalizedModel
-from cure_eval.testing import small_cnn, train_plain
+from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
 
 SETTINGS: dict[str, SPSAConfig] = {
     "reference (100 it, 128 samples)": SPSAConfig(),
@@ -45,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", default="", help="comma-separated setting labels (default: all)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--only", default="", help="setting labels separated by ';' (labels contain commas; default: all)")
+    ap.add_argument("--iterations", type=int, default=None, help="SPSA iterations of every setting (default: each setting's)")
+    args = parse_args(ap, argv, tiny={"n": 10, "iterations": 3, "only": "reference (100 it, 128 samples);64 samples"})
     torch.set_num_threads(1)
     spec = get_dataset_spec("digits")
     torch.manual_seed(0)
@@ -60,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, nn.Module] = {"normal": base, "shattered": QuantizedInput(base, levels=8),
                                     "vanishing": SaturatedLogits(base, scale=1e4),
                                     "stochastic": NoisyInput(base, sigma=0.1)}
-    settings = {k: v for k, v in SETTINGS.items() if not args.only or k in args.only.split(",")}
-    rows = []
+    settings = {k: v if args.iterations is None else dataclasses.replace(v, iterations=args.iterations)
+                for k, v in SETTINGS.items() if not args.only or k in args.only.split(";")}
+    rows: list[list[object]] = []
+    counts: dict[str, int] = {}
     for mname, model in models.items():
         model.eval()
         grad_part = run_suite(model, x, y, eps=eps, device="cpu", attacks=["fgsm", "pgd40", "pgd100"], seed=args.seed,
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                        suite=suite, progress=False)
             r = sp.attacks["spsa"]
             att = int(r.attacked.sum())
+            counts[f"{mname} / {sname} SPSA forwards"] = counter.passes.forward - len(x)
             f = report.finding("spsa_vs_pgd")
             rows.append([mname, sname, f"{counter.passes.forward - len(x):,}",
                          f"{(counter.passes.forward - len(x)) / max(att, 1):,.0f}",
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{f.value:.3f} {f.status}", report.verdict,
                          ",".join(g.name for g in report.failed) or "-", f"{secs:.1f}"])
             print(*rows[-1], sep=" | ", flush=True)
+    exit_if_degenerate(counts=counts, tables={"settings": rows})
     print(tabulate(rows, headers=["model", "SPSA setting", "SPSA fwd (incl. eval)", "fwd / attacked pt",
                                   "iterations / pt", "SPSA broke", "spsa_vs_pgd", "verdict", "FAILs", "SPSA s"]))
     return 0

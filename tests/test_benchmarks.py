@@ -259,3 +259,38 @@ def test_a_degenerate_result_exits_1_with_one_line_on_stderr(tmp_path: Path) -> 
     assert res.stdout == ""
     assert res.stderr.strip().splitlines()[-1] == ("measure_autoattack_gap.py: degenerate figures, nothing reported: "
                                                    "table 'models (--no-wrappers needs a --checkpoint)' is empty")
+
+
+@pytest.mark.slow
+def test_bench_audit_tiny(tmp_path: Path) -> None:
+    out = run_tiny("bench_audit", tmp_path)
+    counted = re.findall(r"^(fgsm|apgd-ce|apgd-dlr|deepfool_linf|spsa)\s.*?([\d,]+) f / ([\d,]+) b", out, re.M)
+    assert {name for name, _, _ in counted} == {"fgsm", "apgd-ce", "apgd-dlr", "deepfool_linf", "spsa"}, out
+    for name, fwd, bwd in counted:
+        assert positive(fwd), name
+        assert positive(bwd) or name == "spsa", name  # SPSA is gradient-free
+    ratio = re.search(r"-> ([\d.]+)x \(target <= 0.65x\); results identical: True", out)
+    assert ratio is not None and positive(ratio[1]), out
+
+
+@pytest.mark.slow
+def test_bench_strength_per_cost_tiny(tmp_path: Path) -> None:
+    res = run_benchmark("bench_strength_per_cost", tmp_path, "--tiny")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {m[1].strip(): m[2].split() for m in re.finditer(r"^(FGSM>PGD\(20\)|CE>T[^ ]*|AutoAttack standard)\s+(.*)$",
+                                                             res.stdout, re.M)}
+    assert set(rows) == {"FGSM>PGD(20)", "CE>T(malt,3)>Sq(100)", "AutoAttack standard"}, res.stdout
+    for label, cols in rows.items():  # worst %, AA-only, suite-only, fwd/pt, bwd/pt, (f+b)/AA's, seconds
+        assert 0 <= number(cols[0]) <= 100 and positive(cols[3]) and positive(cols[4]), label
+        assert positive(cols[5]), label
+    assert number(rows["AutoAttack standard"][5]) == 1
+
+
+@pytest.mark.slow
+def test_measure_spsa_cost_tiny(tmp_path: Path) -> None:
+    out = run_tiny("measure_spsa_cost", tmp_path)
+    rows = [line for line in out.splitlines()  # the table's rows (the progress lines have " | ")
+            if line.startswith(("normal ", "shattered ", "vanishing ", "stochastic ")) and " | " not in line]
+    assert len(rows) == 8, out  # 4 models × 2 settings
+    assert all(positive(line.split()[-1]) or line.split()[-1] == "0" for line in rows)
+    assert any("shattered" in line and "suspect" in line for line in rows)
