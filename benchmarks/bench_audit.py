@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     model: nn.Module
     try:
         if args.checkpoint:
-            from cure_eval.checkpoint import load_checkpoint
+            from cure_eval.models.checkpoint import load_checkpoint
 
             model, info = load_checkpoint(args.checkpoint, device=device)
             dataset = info.dataset

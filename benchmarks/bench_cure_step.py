@@ -5,7 +5,7 @@
 
 Steps timed (CIFAR-size input, CPU unless --device says otherwise):
 * plain      cross-entropy forward/backward/step
-* cure       our CURE step as configured by default (cure_eval.cure.cure_terms, bn_mode="eval":
+* cure       our CURE step as configured by default (cure_eval.training.cure.cure_terms, bn_mode="eval":
              running-statistics BatchNorm in the regulariser passes as in the reference code,
              3 forwards, nothing computed twice)
 * cure_train our CURE step with bn_mode="train" (batch statistics; the loss forward is shared

@@ -31,11 +31,11 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import cure_eval  # noqa: F401, E402  (registers wide_resnet16_4 in timm)
-from cure_eval.checkpoint import load_checkpoint  # noqa: E402
 from cure_eval.data import get_dataset_spec, load_dataset  # noqa: E402
 from cure_eval.errors import CureEvalError  # noqa: E402
 from cure_eval.features import compute_features, write_features  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
+from cure_eval.models.checkpoint import load_checkpoint  # noqa: E402
 from cure_eval.testing import train_plain  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

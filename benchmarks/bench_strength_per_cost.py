@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.checkpoint:
-        from cure_eval.checkpoint import load_checkpoint
+        from cure_eval.models.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(args.checkpoint)
         dataset, source = info.dataset, f"{args.checkpoint} ({info.method})"

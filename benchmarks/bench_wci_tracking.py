@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import cure_eval  # noqa: E402,F401
+from cure_eval.core.io import read_jsonl  # noqa: E402
 from cure_eval.data import get_dataset_spec, load_dataset, select_points  # noqa: E402
-from cure_eval.io import read_jsonl  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
 from cure_eval.training import METRICS_NAME, train  # noqa: E402
 from cure_eval.training.methods import TrainContext, get_method  # noqa: E402

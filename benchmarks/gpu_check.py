@@ -41,11 +41,11 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import cure_eval  # noqa: E402,F401  (registers the models)
+from cure_eval.core.device import resolve_device  # noqa: E402
+from cure_eval.core.io import read_jsonl, write_json_atomic  # noqa: E402
 from cure_eval.data import get_dataset_spec  # noqa: E402
-from cure_eval.device import resolve_device  # noqa: E402
-from cure_eval.io import read_jsonl, write_json_atomic  # noqa: E402
+from cure_eval.data.synthetic import write_cifar10  # noqa: E402
 from cure_eval.models import create_model, model_config_for  # noqa: E402
-from cure_eval.synthetic import write_cifar10  # noqa: E402
 from cure_eval.training.methods import TrainContext, get_method  # noqa: E402
 
 #: training-set sizes of the paper's data sets

@@ -29,10 +29,10 @@ from tabulate import tabulate
 from torch import nn
 
 from cure_eval.attacks import autoattack_comparison, run_suite
-from cure_eval.checkpoint import load_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.errors import CureEvalError
 from cure_eval.models import NormalizedModel
+from cure_eval.models.checkpoint import load_checkpoint
 from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

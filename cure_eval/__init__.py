@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from ._openmp import prefer_passive_openmp
+from ._compat import install as _install_old_paths
+from .core._openmp import prefer_passive_openmp
 
-prefer_passive_openmp()  # before the first import of torch (below): see cure_eval/_openmp.py
+prefer_passive_openmp()  # before the first import of torch (below): see cure_eval/core/_openmp.py
+_install_old_paths()  # the old module paths, until 0.3: see cure_eval/_compat
 
 from .models import load_model_plugins  # noqa: E402
 

@@ -67,8 +67,8 @@ from .cli import (
     set_threads,
     setup_logging,
 )
+from .core.device import resolve_device
 from .data import list_datasets
-from .device import resolve_device
 from .errors import UsageError
 
 log = logging.getLogger("cure_eval.audit")

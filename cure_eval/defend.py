@@ -16,7 +16,7 @@ side-by-side table and a run folder::
 cuts the learning rate when WCI keeps rising (:mod:`cure_eval.training.wci_tracking`).
 
 Data parallel on several processes or GPUs: ``torchrun --nproc_per_node=N -m cure_eval.defend ...``
-(``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.distributed`).
+(``gloo`` on the CPU, ``nccl`` with ``cuda:LOCAL_RANK`` on GPUs; see :mod:`cure_eval.core.distributed`).
 ``--batch-size`` stays the *global* batch (each rank trains on ``batch_size / N`` of it), so the
 hyperparameters mean the same as in one process. Rank 0 alone writes the run folder and the cache;
 the others wait at barriers. The evaluations (clean and PGD(20)) run on rank 0 only, after all
@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import distributed
 from .cli import (
     ArgumentParser,
     add_common_arguments,
@@ -41,8 +40,9 @@ from .cli import (
     set_threads,
     setup_logging,
 )
+from .core import distributed
+from .core.device import resolve_device, tune_for_fixed_shapes
 from .data import get_dataset_spec, list_datasets
-from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
 from .models import model_config_for
 from .training.methods import get_method, list_methods, parse_method_args

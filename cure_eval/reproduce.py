@@ -28,8 +28,8 @@ from .cli import (
     set_threads,
     setup_logging,
 )
+from .core.device import resolve_device, tune_for_fixed_shapes
 from .data import get_dataset_spec, list_datasets
-from .device import resolve_device, tune_for_fixed_shapes
 from .errors import UsageError
 from .models import model_config_for
 from .pipelines.reproduce import (

@@ -11,9 +11,9 @@ import torch
 import torchattacks
 
 from cure_eval.audit import main
-from cure_eval.checkpoint import CheckpointInfo, save_checkpoint
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import CheckpointInfo, save_checkpoint
 
 from .conftest import train_plain
 

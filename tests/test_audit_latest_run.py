@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from cure_eval.audit import main
-from cure_eval.checkpoint import CheckpointInfo, save_checkpoint
 from cure_eval.data import get_dataset_spec
 from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import CheckpointInfo, save_checkpoint
 
 
 def _fake_run(root: Path, name: str, method: str) -> Path:

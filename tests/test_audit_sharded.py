@@ -16,8 +16,9 @@ import pytest
 import torch
 import torchattacks
 
+from cure_eval.attacks.units import CHUNK_SEED_STRIDE as PGD_SEED_STRIDE
 from cure_eval.audit import main
-from cure_eval.audit_state import PGD_SEED_STRIDE, Shard, shard_from_env
+from cure_eval.auditing.shard import Shard, shard_from_env
 from cure_eval.data import load_dataset, select_points
 from cure_eval.errors import CureEvalError
 

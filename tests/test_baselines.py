@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_eval.checkpoint import load_checkpoint
+from cure_eval.attacks.evaluation import evaluate
+from cure_eval.core.io import read_jsonl
 from cure_eval.data import get_dataset_spec
 from cure_eval.defend import main as defend_main
 from cure_eval.errors import UsageError
-from cure_eval.evaluation import evaluate
 from cure_eval.geometry import curvature_profile, curvature_summaries
-from cure_eval.io import read_jsonl
 from cure_eval.models import ModelConfig, NormalizedModel
+from cure_eval.models.checkpoint import load_checkpoint
 from cure_eval.testing import small_cnn
 from cure_eval.training import train
 from cure_eval.training.methods import TrainContext, get_method, list_methods

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from cure_eval.checkpoint import (
+from cure_eval.data import get_dataset_spec
+from cure_eval.errors import CureEvalError
+from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import (
     CheckpointInfo,
     load_checkpoint,
     load_weights_file,
     read_checkpoint_info,
     save_checkpoint,
 )
-from cure_eval.data import get_dataset_spec
-from cure_eval.errors import CureEvalError
-from cure_eval.models import create_model, model_config_for
 
 
 def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
@@ -75,7 +75,7 @@ def test_other_architecture_is_refused(tmp_path: Path) -> None:
     meta = {"cure_eval": __import__("json").dumps(read_checkpoint_info(path).to_dict())}
     save_file(state, str(path), metadata=meta)
     with pytest.raises(CureEvalError, match="does not fit"):
-        from cure_eval.checkpoint import load_state
+        from cure_eval.models.checkpoint import load_state
 
         load_state(other, state, source=str(path))
 
@@ -109,8 +109,8 @@ def test_crafted_pickle_is_refused_and_runs_no_code(tmp_path: Path) -> None:
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     """A checkpoint, a train state and a results file get the mode a plain ``open()`` would give."""
-    from cure_eval.checkpoint import save_train_state
-    from cure_eval.io import write_json_atomic
+    from cure_eval.core.io import write_json_atomic
+    from cure_eval.models.checkpoint import save_train_state
 
     old = os.umask(umask)
     try:

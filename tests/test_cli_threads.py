@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cure_eval._openmp import launched_as_cli
 from cure_eval.cli import set_threads
+from cure_eval.core._openmp import launched_as_cli
 from cure_eval.errors import UsageError
 
 

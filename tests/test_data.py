@@ -11,8 +11,8 @@ import scipy.io
 import torch
 
 from cure_eval.data import check_images, get_dataset_spec, load_dataset, select_points
+from cure_eval.data.synthetic import write_cifar10
 from cure_eval.errors import CureEvalError, UsageError
-from cure_eval.synthetic import write_cifar10
 
 
 def test_digits_split_is_fixed_and_disjoint() -> None:

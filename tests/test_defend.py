@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cure_eval.checkpoint import load_checkpoint
+from cure_eval.core.io import read_jsonl
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.defend import main
-from cure_eval.io import read_jsonl
 from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import load_checkpoint
 from cure_eval.training import train
 from cure_eval.training.methods import TrainContext, get_method
 

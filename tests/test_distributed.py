@@ -6,7 +6,7 @@
   tolerance) when nothing depends on batch statistics: CURE with ``bn_mode=frozen`` on the
   Wide-ResNet (BatchNorm is then a fixed affine map), and a BatchNorm-free CNN with augmentation.
   With BatchNorm in train mode each rank normalises with its half batch, so the runs differ (a
-  little) by design; see :mod:`cure_eval.distributed`. SGD rather than Adam: Adam's first steps
+  little) by design; see :mod:`cure_eval.core.distributed`. SGD rather than Adam: Adam's first steps
   are ``≈ lr·sign(g)``, which turns float round-off in near-zero gradients into ``lr``-sized jumps;
 * an interrupted run resumes under 2 ranks to the same weights as an uninterrupted one, bit for bit.
 """
@@ -30,11 +30,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from cure_eval.checkpoint import CheckpointInfo, load_train_state, save_checkpoint
+from cure_eval.core.io import append_jsonl, read_jsonl
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.defend import main
-from cure_eval.io import append_jsonl, read_jsonl
 from cure_eval.models import NormalizedModel, create_model, model_config_for
+from cure_eval.models.checkpoint import CheckpointInfo, load_train_state, save_checkpoint
 from cure_eval.training import train
 from cure_eval.training.methods import TrainContext, get_method
 from cure_eval.training.wci_tracking import WCILRPolicy, WCITracker, wci_hooks

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from cure_eval.checkpoint import load_train_state
+from cure_eval.core.io import read_jsonl
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.errors import CureEvalError, UsageError
-from cure_eval.io import read_jsonl
 from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import load_train_state
 from cure_eval.training import EpochEnd, EpochHook, ResumableHook, train
 from cure_eval.training.methods import TrainContext, get_method
 from cure_eval.training.probes import ProbeHook

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cure_eval.audit import main as audit_main
+from cure_eval.auditing.report import write_features_comparison
 from cure_eval.data import get_dataset_spec
 from cure_eval.errors import NotApplicable, UsageError
 from cure_eval.features import (
@@ -30,7 +31,6 @@ from cure_eval.features import (
     resolve_layers,
 )
 from cure_eval.models import NormalizedModel, create_model, model_config_for
-from cure_eval.pipelines.audit import write_features_comparison
 
 CPU = torch.device("cpu")
 SPEC = get_dataset_spec("digits")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cure_eval.audit import main as audit_main
-from cure_eval.checkpoint import CheckpointInfo, save_checkpoint
 from cure_eval.data import get_dataset_spec
 from cure_eval.errors import CureEvalError
 from cure_eval.models import create_model, model_config_for
+from cure_eval.models.checkpoint import CheckpointInfo, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from cure_eval.auditing.options import AuditOptions
+from cure_eval.auditing.pipeline import audit_model
 from cure_eval.data import get_dataset_spec
 from cure_eval.errors import NotApplicable
 from cure_eval.geometry import weight_curvature_index
 from cure_eval.models import NormalizedModel
-from cure_eval.pipelines.audit import AuditOptions, audit_model
 from cure_eval.testing import NoGradient, RawParameterNet
 
 SPEC = get_dataset_spec("digits")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from cure_eval.core.io import read_jsonl
+from cure_eval.data.synthetic import write_cifar10, write_svhn
 from cure_eval.defend import main
-from cure_eval.io import read_jsonl
-from cure_eval.synthetic import write_cifar10, write_svhn
 
 GPU_DOC = Path(__file__).resolve().parents[1] / "docs" / "gpu.md"
 SMOKE = ["--train-n", "2", "--batch-size", "2", "--pretrain-batch-size", "2", "--epochs", "1",

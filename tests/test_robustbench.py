@@ -15,7 +15,7 @@ import torch
 
 from cure_eval.audit import main
 from cure_eval.errors import CureEvalError, UsageError
-from cure_eval.robustbench_models import (
+from cure_eval.models.robustbench import (
     REPAIR_HINT,
     alias_autoattack,
     load_robustbench_model,
@@ -150,7 +150,7 @@ def test_audit_command_on_a_robustbench_model(tmp_path: Path) -> None:
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
-    from cure_eval.synthetic import write_cifar10
+    from cure_eval.data.synthetic import write_cifar10
 
     zoo = model_dicts[BenchmarkDataset.cifar_10][ThreatModel.Linf]
     name = NAME

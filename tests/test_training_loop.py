@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cure_eval.core.io import read_jsonl
 from cure_eval.data import get_dataset_spec, load_dataset
 from cure_eval.errors import CureEvalError
-from cure_eval.io import read_jsonl
 from cure_eval.models import create_model, model_config_for
 from cure_eval.training import to_device, train
 from cure_eval.training.methods import StepStats, TrainContext, get_method

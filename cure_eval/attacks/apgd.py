@@ -14,7 +14,7 @@ does. In a cascade they run after PGD(100) and before SPSA, only on the points s
 Settings (:class:`APGDConfig`): 100 iterations and 1 restart, as AutoAttack's ``standard``
 APGD-CE; ρ = 0.75 (torchattacks' and the paper's default). torchattacks' ``APGD`` calls
 ``torch.manual_seed(seed)`` at the start of every call (every batch): we pass the audit's seed and
-run it inside :func:`~cure_eval.device.seeded_rng`, so a rerun gives the same points and the
+run it inside :func:`~cure_eval.core.device.seeded_rng`, so a rerun gives the same points and the
 caller's RNG state is untouched. torchattacks returns, per point, the first restart's point that
 fooled the model (else the clean input for restarts that never fooled, i.e. the point counts as
 robust); the suite re-checks and re-evaluates it like every other attack.
@@ -34,7 +34,7 @@ from typing import ClassVar, Literal
 import torch
 import torchattacks
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
 from ..errors import NotApplicable, UsageError
 from .base import Attack, AttackConfig, AttackContext, AttackOutput, timed
 

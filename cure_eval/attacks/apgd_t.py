@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
 from ..errors import NotApplicable, UsageError
 from .base import Attack, AttackConfig, AttackContext, AttackOutput, timed
 

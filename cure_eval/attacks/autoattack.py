@@ -56,9 +56,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
+from ..core.modes import eval_mode
 from ..errors import CureEvalError, UsageError
-from ..modes import eval_mode
 from .base import Attack, AttackConfig, AttackContext, AttackOutput, scatter, timed
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.modes import eval_mode
 from ..errors import NotApplicable
-from ..modes import eval_mode
 
 
 def adversarial_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

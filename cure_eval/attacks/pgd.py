@@ -35,9 +35,9 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
+from ..core.modes import preserved_mode
 from ..errors import UsageError
-from ..modes import preserved_mode
 from .base import Attack, AttackConfig, AttackContext, AttackOutput
 
 log = logging.getLogger(__name__)

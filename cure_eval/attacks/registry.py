@@ -6,7 +6,7 @@ are registered through the same entry points a third-party package uses::
     [project.entry-points."cure_eval.attacks"]
     my_attack = "my_package.attacks:MyAttack"
 
-Unknown names list the valid ones. The registry is :class:`cure_eval.plugins.PluginRegistry`,
+Unknown names list the valid ones. The registry is :class:`cure_eval.core.registry.PluginRegistry`,
 the same as the methods'.
 """
 
@@ -16,8 +16,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from ..core.registry import PluginRegistry
 from ..errors import UsageError
-from ..plugins import PluginRegistry
 from .base import Attack
 
 log = logging.getLogger(__name__)

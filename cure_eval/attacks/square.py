@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
 from ..errors import UsageError
 from .base import Attack, AttackConfig, AttackContext, AttackOutput, timed
 

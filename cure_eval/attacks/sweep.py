@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..core.modes import check_device, eval_mode
 from ..errors import UsageError
-from ..modes import check_device, eval_mode
 from .base import AttackContext, adversarial_margin, require_input_gradients
 from .measure import measure_attack
 from .pgd import run_pgd_steps

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
+from ..core.modes import check_device, eval_mode
 from ..errors import UsageError
-from ..modes import check_device, eval_mode
 from .pgd import linf_random_start, linf_step
 
 

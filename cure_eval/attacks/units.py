@@ -40,8 +40,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..core.modes import check_device, eval_mode
 from ..errors import UsageError
-from ..modes import check_device, eval_mode
 from .base import Attack, AttackConfig, AttackContext, AttackResult, Norm, adversarial_margin
 from .deepfool import DeepFoolConfig
 from .measure import measure_attack

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import __version__
 from ..attacks import SUITE_SETTINGS, attack_order, library_versions
-from ..io import _json_default
+from ..core.io import _json_default
 
 #: The suite settings an audit sets from its options; the others stay at their defaults.
 AUDIT_SETTINGS = ("pgd_alpha", "spsa_iterations")

@@ -23,9 +23,9 @@ from torch import nn
 
 from .. import __version__
 from ..attacks import SuitePlan
+from ..core.io import write_json_atomic
 from ..data import DatasetSpec, check_images, load_dataset, select_points
 from ..errors import UsageError
-from ..io import write_json_atomic
 from .fingerprint import audit_fingerprint
 from .options import AuditOptions, resolve_radii
 from .report import has_geometry, write_comparison, write_features_comparison, write_report

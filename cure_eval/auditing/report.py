@@ -14,7 +14,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ..attacks import SuiteResult, get_attack, list_attacks
-from ..io import write_json_atomic, write_text_atomic
+from ..core.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("cure_eval.audit")
 

@@ -1,6 +1,6 @@
 """Where an audited model comes from: a ``defend`` checkpoint or run folder, a timm name or alias
 (optionally with weights), a ``module:factory`` reference, a RobustBench model
-(:mod:`cure_eval.robustbench_models`), or the latest finished ``defend`` run; and the check that
+(:mod:`cure_eval.models.robustbench`), or the latest finished ``defend`` run; and the check that
 a model fits the dataset.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state, load_weights_file
 from ..data import DatasetSpec, get_dataset_spec
 from ..errors import CureEvalError, UsageError
 from ..models import create_model, load_factory, model_config_for
+from ..models.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_state, load_weights_file
 
 log = logging.getLogger("cure_eval.audit")
 
@@ -31,11 +31,11 @@ def load_audit_model(
 
     ``model="robustbench:<name>"`` loads a RobustBench model through the ``robustbench`` package
     from ``model_dir`` (``dataset`` default cifar10, ``threat_model`` Linf; nothing is downloaded
-    unless ``download``): see :mod:`cure_eval.robustbench_models`."""
+    unless ``download``): see :mod:`cure_eval.models.robustbench`."""
     if (checkpoint is None) == (model is None):
         raise UsageError("give exactly one of `checkpoint` (a path) or `model` (a name)")
     if model is not None and model.startswith("robustbench:"):
-        from ..robustbench_models import DEFAULT_MODEL_DIR, load_robustbench_model
+        from ..models.robustbench import DEFAULT_MODEL_DIR, load_robustbench_model
 
         if weights is not None:
             raise UsageError("`weights` does not go with a RobustBench model: its checkpoint comes from `model_dir`")

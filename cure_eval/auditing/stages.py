@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..attacks import SuiteResult, eps_sweep
+from ..attacks.evaluation import predict
+from ..core.io import new_figure, save_figure, write_json_atomic
 from ..data import DatasetSpec
 from ..errors import NotApplicable
-from ..evaluation import predict
-from ..io import new_figure, save_figure, write_json_atomic
 from .options import AuditOptions
 from .store import AuditState, not_applicable
 

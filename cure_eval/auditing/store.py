@@ -32,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.io import write_text_atomic
 from ..errors import CureEvalError
-from ..io import write_text_atomic
 from .codec import decode_record, encode_record
 from .fingerprint import dumps, fingerprint_diff, normal
 from .shard import Shard

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import new_figure, save_figure
+from ..core.io import new_figure, save_figure
 
 
 def _short(layer: str) -> str:

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..attacks import run_attack
 from ..attacks.base import require_input_gradients
+from ..core.io import to_jsonable, write_text_atomic
+from ..core.modes import check_device, eval_mode
 from ..errors import NotApplicable, UsageError
-from ..io import to_jsonable, write_text_atomic
-from ..modes import check_device, eval_mode
 from .confidence import MARGIN_THRESHOLD, confidence_summary, distribution
 from .layers import resolve_layers
 from .plots import plot_confidence, plot_sensitivity

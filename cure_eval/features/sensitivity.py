@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.modes import check_device, eval_mode
 from ..errors import UsageError
-from ..modes import check_device, eval_mode
 from .layers import layer_outputs
 
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..core.io import to_jsonable  # noqa: F401  (re-exported for the geometry modules)
+from ..core.modes import check_device, eval_mode, model_device, model_dtype  # noqa: F401  (re-exported)
 from ..errors import UsageError
-from ..io import to_jsonable  # noqa: F401  (re-exported for the geometry modules)
-from ..modes import check_device, eval_mode, model_device, model_dtype  # noqa: F401  (re-exported)
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from ..io import new_figure, save_figure
+from ..core.io import new_figure, save_figure
 from ._util import as_numpy
 from .landscape import LossPlane
 from .spectrum import CurvatureProfile

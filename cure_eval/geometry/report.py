@@ -21,9 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks.base import require_input_gradients
+from ..core.io import write_text_atomic
 from ..data import select_points
 from ..errors import UsageError
-from ..io import write_text_atomic
 from ._util import check_batch, check_device, eval_mode, to_jsonable
 from .bounds import theorem1_points
 from .deepfool import deepfool_l2

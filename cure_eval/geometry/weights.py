@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks.pgd import MultiStepPGD
-from ..device import seeded_rng
+from ..core.device import seeded_rng
 from ..errors import NotApplicable, UsageError
 from ._util import check_batch, check_device, eval_mode, generator
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..io import to_jsonable
+from ..core.io import to_jsonable
 
 Status = Literal["PASS", "WARN", "FAIL"]
 Verdict = Literal["pass", "suspect"]

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import seeded_rng
+from ..core.device import seeded_rng
+from ..core.modes import check_device, eval_mode
 from ..errors import UsageError
-from ..modes import check_device, eval_mode
 from .findings import (
     GRADIENTS_FAIL,
     NOISE_DRAWS,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import new_figure, save_figure, to_jsonable
+from ..core.io import new_figure, save_figure, to_jsonable
 from .findings import Finding, Verdict, json_float
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class MaskingReport:
 
         Only attacked (clean-correct) points are drawn. The line y = x and the zero lines are
         marked; points where SPSA's loss is lower than PGD's by more than the tolerance are red.
-        Written as a PNG (:func:`cure_eval.io.new_figure`: no global pyplot state); returns the path.
+        Written as a PNG (:func:`cure_eval.core.io.new_figure`: no global pyplot state); returns the path.
         """
         path = Path(path)
         mask = self.clean_correct & torch.isfinite(self.pgd_margin) & torch.isfinite(self.spsa_margin)

@@ -14,9 +14,9 @@ from torch import nn
 from ..attacks import AttackResult, SuiteResult, eps_sweep, get_attack, run_suite
 from ..attacks.base import require_input_gradients
 from ..attacks.trajectory import pgd_trajectory
+from ..core.modes import check_device, preserved_mode
 from ..data import select_points
 from ..errors import UsageError
-from ..modes import check_device, preserved_mode
 from .findings import (
     EPS_SWEEP_FACTORS,
     EPS_SWEEP_STEPS,

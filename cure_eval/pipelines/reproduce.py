@@ -19,12 +19,14 @@ import torch
 from tabulate import tabulate
 
 from .. import __version__
+from ..auditing.options import AuditOptions
+from ..auditing.pipeline import audit_model
+from ..auditing.report import attack_label, has_geometry, number
+from ..core.io import new_figure, save_figure, write_json_atomic, write_text_atomic
 from ..data import DatasetSpec, load_dataset, select_points
-from ..io import new_figure, save_figure, write_json_atomic, write_text_atomic
 from ..models import ModelConfig, count_parameters, create_model
 from ..training.methods import Method, config_dict, get_method
 from ..training.pipeline import standard_model, train_method
-from .audit import AuditOptions, attack_label, audit_model, has_geometry, number
 
 log = logging.getLogger("cure_eval.reproduce")
 

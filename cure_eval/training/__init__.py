@@ -17,7 +17,7 @@ from ``cure_eval.training``; importing it loads the loop and the hook contract o
 
 from __future__ import annotations
 
-from ..modes import eval_mode
+from ..core.modes import eval_mode
 from .hooks import EpochEnd, EpochHook, ResumableHook
 from .loop import (
     METRICS_NAME,

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.modes import eval_mode
 from ..errors import UsageError
 from ..geometry.summaries import cure_direction  # noqa: F401  (re-exported: z is measured by the geometry too)
 from ..models import NormalizedModel
-from ..modes import eval_mode
 
 BNMode = Literal["eval", "quick_fix", "train", "frozen"]
 BN_MODES: tuple[str, ...] = get_args(BNMode)

@@ -8,7 +8,7 @@ with ``weights_only=True``) and ``model.safetensors`` (the checkpoint). Per-epoc
 (the probe, WCI tracking) and the WCI learning-rate policy are hooks that the caller passes in:
 this module imports no analysis code.
 
-Inside a process group (``torchrun``, see :mod:`cure_eval.distributed`) :func:`train` trains data
+Inside a process group (``torchrun``, see :mod:`cure_eval.core.distributed`) :func:`train` trains data
 parallel with no change for the caller:
 
 * batches: every rank draws the same global batch of ``batch_size`` indices (seeded by
@@ -18,7 +18,7 @@ parallel with no change for the caller:
   ``batch_size`` must be divisible by ``N``.
 * model: rank 0's weights are broadcast at the start (after a resume too); gradients and
   BatchNorm running statistics are averaged before every ``optimizer.step()``
-  (:class:`~cure_eval.distributed.GradientAverager`, a step pre-hook on the optimizer: the
+  (:class:`~cure_eval.core.distributed.GradientAverager`, a step pre-hook on the optimizer: the
   method plugins are unchanged); the model state is synchronised from rank 0 at every epoch
   end, before the hooks and the checkpoint.
 * other randomness (PGD random starts, TRADES noise: the global RNG) is per rank, reseeded at
@@ -47,8 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import distributed
-from ..checkpoint import (
+from ..core import distributed
+from ..core.io import append_jsonl, read_jsonl, write_text_atomic
+from ..core.modes import eval_mode  # noqa: F401  (re-exported: the name's old home)
+from ..data import DatasetSpec
+from ..errors import CureEvalError, UsageError
+from ..models import ModelConfig
+from ..models.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointInfo,
     load_train_state,
@@ -56,11 +61,6 @@ from ..checkpoint import (
     save_train_state,
     unwrap,
 )
-from ..data import DatasetSpec
-from ..errors import CureEvalError, UsageError
-from ..io import append_jsonl, read_jsonl, write_text_atomic
-from ..models import ModelConfig
-from ..modes import eval_mode  # noqa: F401  (re-exported: the name's old home)
 from .hooks import EpochEnd, EpochHook, ResumableHook
 from .methods import Method, config_dict
 

@@ -17,9 +17,9 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 import torch
 from torch import nn
 
+from ..core.modes import eval_mode
 from ..data import DatasetSpec
 from ..errors import UsageError
-from ..modes import eval_mode
 from .methods import Method, MethodConfig
 
 #: ``forward(inputs) -> logits``: the model itself, or a functional copy of it (AWP's proxy).

@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 import torch
 from torch import nn
 
+from ..core.registry import PluginRegistry
 from ..data import DatasetSpec
 from ..errors import UsageError
-from ..plugins import PluginRegistry
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from .. import __version__, distributed
-from ..checkpoint import CHECKPOINT_NAME, load_checkpoint, unwrap
+from .. import __version__
+from ..attacks.evaluation import evaluate
+from ..core import distributed
+from ..core.io import read_jsonl, write_json_atomic, write_text_atomic
 from ..data import DatasetSpec, load_dataset, select_points
 from ..errors import NotApplicable, UsageError
-from ..evaluation import evaluate
-from ..io import read_jsonl, write_json_atomic, write_text_atomic
 from ..models import ModelConfig, count_parameters, create_model
+from ..models.checkpoint import CHECKPOINT_NAME, load_checkpoint, unwrap
 from .hooks import EpochHook
 from .loop import METRICS_NAME, TrainResult, is_complete, train
 from .methods import Method, MethodConfig, TrainContext, config_dict

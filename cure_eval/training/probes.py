@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..evaluation import pgd_accuracy
-from ..modes import eval_mode
+from ..attacks.evaluation import pgd_accuracy
+from ..core.modes import eval_mode
 from .hooks import EpochEnd
 
 

@@ -48,12 +48,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
-from ..checkpoint import unwrap
+from ..core import distributed
+from ..core.io import new_figure, save_figure
+from ..core.modes import eval_mode
 from ..errors import NotApplicable, UsageError
 from ..geometry.weights import pgd_points, weight_curvature_index
-from ..io import new_figure, save_figure
-from ..modes import eval_mode
+from ..models.checkpoint import unwrap
 from .hooks import EpochEnd, EpochHook
 
 log = logging.getLogger(__name__)

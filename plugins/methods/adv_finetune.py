@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cure_eval.attacks.deepfool import foolbox_deepfool
+from cure_eval.core.modes import eval_mode
 from cure_eval.data import DatasetSpec
 from cure_eval.errors import UsageError
-from cure_eval.modes import eval_mode
 from cure_eval.training.methods import Method, MethodConfig, StepStats
 
 

@@ -8,18 +8,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .attacks import SuiteResult, attack_order, chunk_seed, get_attack
-from .attacks.units import CHUNK_SEED_STRIDE as PGD_SEED_STRIDE
-from .auditing.fingerprint import (
+from ..attacks import SuiteResult, attack_order, chunk_seed, get_attack
+from ..attacks.units import CHUNK_SEED_STRIDE as PGD_SEED_STRIDE
+from ..auditing.fingerprint import (
     SUITE_DEFAULTS,
     audit_fingerprint,
     fingerprint_diff,
     state_dict_sha256,
     tensors_sha256,
 )
-from .auditing.runner import audit_plan, run_audit_suite
-from .auditing.shard import PROCESS_GROUP_TIMEOUT, Shard, close_shard, shard_from_env
-from .auditing.store import (
+from ..auditing.runner import audit_plan, run_audit_suite
+from ..auditing.shard import PROCESS_GROUP_TIMEOUT, Shard, close_shard, shard_from_env
+from ..auditing.store import (
     LOCK_FILE,
     STATE_FILE,
     STATE_FORMAT,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def resolve_device(name: str | None = None) -> torch.device:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import get_dataset_spec
+from .datasets import get_dataset_spec
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks.pgd import MultiStepPGD
-from .device import seeded_rng
-from .modes import eval_mode
+from ..core.device import seeded_rng
+from ..core.modes import eval_mode
+from .pgd import MultiStepPGD
 
 
 @torch.no_grad()

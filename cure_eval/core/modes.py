@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .errors import CureEvalError
+from ..errors import CureEvalError
 
 
 @contextlib.contextmanager

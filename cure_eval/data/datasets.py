@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .errors import CureEvalError, UsageError
+from ..errors import CureEvalError, UsageError
 
 log = logging.getLogger(__name__)
 

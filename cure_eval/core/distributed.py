@@ -87,7 +87,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
-from .errors import CureEvalError, UsageError
+from ..errors import CureEvalError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CureEvalError, UsageError
+from ..errors import CureEvalError, UsageError
 
 log = logging.getLogger(__name__)
 

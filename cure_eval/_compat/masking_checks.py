@@ -6,7 +6,7 @@ re-export module is removed in 0.3."""
 from __future__ import annotations
 
 from ..attacks.trajectory import PGDTrajectory, pgd_trajectory
-from .findings import (
+from ..masking.findings import (
     AUTOATTACK_GAP_FAIL,
     CONVERGENCE_DELTA,
     CONVERGENCE_FAIL,
@@ -32,13 +32,13 @@ from .findings import (
     Status,
     Verdict,
 )
-from .probes import (
+from ..masking.probes import (
     check_gradients,
     check_probability_outputs,
     check_randomised_forward,
     random_noise_fooled,
 )
-from .verdicts import (
+from ..masking.verdicts import (
     check_eps_monotone,
     check_fgsm_vs_pgd,
     check_pgd_convergence,

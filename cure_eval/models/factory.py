@@ -21,8 +21,8 @@ import timm
 import torch
 from torch import nn
 
-from .data import DatasetSpec
-from .errors import CureEvalError, UsageError
+from ..data import DatasetSpec
+from ..errors import CureEvalError, UsageError
 
 log = logging.getLogger(__name__)
 

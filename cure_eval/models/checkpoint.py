@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CureEvalError
-from .io import atomic_write
-from .models import ModelConfig, NormalizedModel, create_model
+from ..core.io import atomic_write
+from ..errors import CureEvalError
+from .factory import ModelConfig, NormalizedModel, create_model
 
 CHECKPOINT_FORMAT = "cure_eval.checkpoint/1"
 CHECKPOINT_NAME = "model.safetensors"
