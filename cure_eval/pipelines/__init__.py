@@ -1,10 +1,13 @@
 """The library's pipelines, in [0, 1] units: what the CLIs call after parsing their arguments.
 
-* :mod:`~cure_eval.training.pipeline` (the training package; ``pipelines.train`` re-exports it
-  until 0.3) — :func:`run_defend`, :func:`standard_model`, :func:`train_method`;
-* the audit pipeline moved to :mod:`cure_eval.auditing` (:func:`audit_model`, :func:`audit_models`,
-  :func:`load_audit_model`; re-exported here and from ``pipelines.audit`` until 0.3);
-* :mod:`~cure_eval.pipelines.reproduce` — :func:`run_reproduce`.
+A convenience namespace over the three layers that hold them:
+
+* training: :mod:`cure_eval.training.pipeline` — :func:`run_defend`, :func:`standard_model`,
+  :func:`train_method` (``pipelines.train`` is an alias of it until 0.3);
+* auditing: :mod:`cure_eval.auditing` — :func:`audit_model`, :func:`audit_models`,
+  :func:`load_audit_model` (``pipelines.audit`` is an alias until 0.3);
+* :mod:`~cure_eval.pipelines.reproduce` — :func:`run_reproduce`: it trains and audits, so it sits
+  above both, in this folder.
 """
 
 from __future__ import annotations
