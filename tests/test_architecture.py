@@ -422,3 +422,14 @@ def test_audit_side_modules_and_functions_are_small() -> None:
         for fn in ast.walk(tree):
             if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
                 assert _code_lines(fn) <= 80, f"{name}.{fn.name} has {_code_lines(fn)} lines"
+
+
+def test_no_package_file_is_git_ignored() -> None:
+    """A layer folder named like an ignored folder (``data/``) would ship from this checkout but
+    never reach git: every module of the package must be committable."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(ROOT)) for p in (ROOT / "cure_eval").rglob("*.py")]
+    res = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.strip() == "", f"git ignores package files: {res.stdout.split()}"
