@@ -122,7 +122,9 @@ def test_hand_counts(counted: SelfCounting, points: tuple[torch.Tensor, ...]) ->
     assert c.passes.forward == out.model_inputs > 0 and c.passes.backward == 0
 
 
-@pytest.mark.parametrize("name", list_attacks())
+# AutoAttack's own runs take most of this test's time: the slow tier counts them.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("autoattack") else n
+                                  for n in list_attacks()])
 def test_every_registered_attack_counts_exactly(counted: SelfCounting, points: tuple[torch.Tensor, ...],
                                                 name: str) -> None:
     x, y, idx = points

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pyautoattack import AutoAttack
 from torch import nn
@@ -14,6 +15,7 @@ from cure_eval.data import load_dataset, select_points
 EPS = 16 / 255
 
 
+@pytest.mark.slow  # AutoAttack's 5000-query Square
 def test_square_equals_autoattacks_square(trained_digits_model: nn.Module) -> None:
     test = load_dataset("digits", "test")
     idx = select_points(len(test), 24, 11)
