@@ -44,7 +44,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .attacks import ATTACK_PRESETS, DEFAULT_ATTACKS, check_attack_names, expand_presets, list_attacks
+from .attacks import (
+    ATTACK_PRESETS,
+    DEFAULT_ATTACKS,
+    check_attack_names,
+    expand_presets,
+    list_attacks,
+)
 from .auditing import (
     STATE_FILE,
     AuditOptions,
