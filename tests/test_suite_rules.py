@@ -107,7 +107,13 @@ def test_the_default_audit_suite_never_warns_of_a_short_pgd(trained_digits_model
     presets expand to their lists and the thorough one keeps the old built-ins."""
     import logging
 
-    from cure_eval.attacks import ATTACKS, DEFAULT_ATTACKS, THOROUGH_ATTACKS, expand_presets, get_attack
+    from cure_eval.attacks import (
+        ATTACKS,
+        DEFAULT_ATTACKS,
+        THOROUGH_ATTACKS,
+        expand_presets,
+        get_attack,
+    )
     from cure_eval.auditing import AuditOptions, audit_model
     from cure_eval.data import get_dataset_spec
 

@@ -469,9 +469,10 @@ def assemble(plan: SuitePlan, store: UnitStore, y: torch.Tensor, ids: torch.Tens
     if plan.chunked:
         settings.update(chunks=n_chunks, pgd_chunk_seeds=f"seed + {CHUNK_SEED_STRIDE} * chunk")
     passes: dict[str, Any] = {}
-    if all(p is not None for p in counted):  # every unit counted (a record from before the counter: none)
-        clean_passes = add_passes(*counted[:n_chunks])
-        passes = {**add_passes(*counted), "clean": clean_passes,
+    records = [p for p in counted if p is not None]
+    if len(records) == len(counted):  # every unit counted (a record from before the counter: none)
+        clean_passes = add_passes(*records[:n_chunks])
+        passes = {**add_passes(*records), "clean": clean_passes,
                   "families": {u.name: u.names for u in plan.units if len(u.attacks) > 1}}
     return SuiteResult(eps=plan.eps, eps_l2=plan.eps_l2, seed=plan.seed, indices=ids, labels=y,
                        clean_pred=clean_pred, clean_margin=clean_margin, attacks=results, worst_case=worst,
