@@ -24,14 +24,7 @@ A unit record is a plain dict (tensors on the CPU)::
                   "attacks": {name: {"attacked", "adv_pred", "margin", "linf", "l2", "extra",
                                      "seconds", "passes", "x_adv"}}}
 
-``passes`` is ``{"forward", "backward"}``: the model passes (batch rows) the unit's attack spent,
-counted by :class:`~cure_eval.attacks.passes.PassCounter` around the attack's run (the measuring
-of the returned points afterwards is not in it). A family's members share one run: each member's
-``passes`` is the family's. The counter counts rows, not which point a row belongs to, so the
-per-point figures (extras ``forward_share``/``backward_share``) are the unit's total shared
-equally among the points it attacked (0 for the others).
-
-New per-unit or per-point measurements are new keys of this record, added in :func:`run_unit`
+New per-unit or per-point measurements (e.g. ``passes``, :mod:`.passes`) are new keys, added in :func:`run_unit`
 (the one place a unit runs); a store keeps every key (the file store encodes tensors, see
 :mod:`cure_eval.auditing.codec`, and leaves out the adversarial images, :data:`NOT_STORED`).
 """
@@ -52,7 +45,7 @@ from ..modes import check_device, eval_mode
 from .base import Attack, AttackConfig, AttackContext, AttackResult, Norm, adversarial_margin
 from .deepfool import DeepFoolConfig
 from .measure import measure_attack
-from .passes import PassCounter, Passes, run_counted
+from .passes import PassCounter, add_passes, pass_record, pass_shares, suite_passes
 from .pgd import PGD, PGDConfig
 from .registry import attack_order, get_attack
 from .results import SuiteResult
@@ -92,8 +85,6 @@ SUITE_DEFAULTS: dict[str, Any] = {s.name: s.default for s in SUITE_SETTINGS}
 CHUNK_SEED_STRIDE = 1_000_003
 #: Record keys a file store leaves out (the adversarial images: large, and rebuilt on demand).
 NOT_STORED = frozenset({"x_adv"})
-#: Per-point pass shares of an attack (extras): the unit's passes shared equally among its attacked points.
-SHARE_EXTRAS = ("forward_share", "backward_share")
 #: Per-point columns of an attack's record, besides ``extra``.
 COLUMNS = ("attacked", "adv_pred", "margin", "linf", "l2")
 
@@ -284,8 +275,7 @@ def attack_result(name: str, eps: float, rec: Mapping[str, Any], y: torch.Tensor
     return AttackResult(
         name=name, eps=eps, x_adv=torch.zeros(len(y), 0) if x_adv is None else x_adv, adv_pred=adv_pred,
         success=attacked & (adv_pred != y), robust=attacked & (adv_pred == y), margin=rec["margin"],
-        linf=rec["linf"], l2=rec["l2"], attacked=attacked, seconds=float(rec["seconds"]), extra=dict(rec["extra"]),
-        passes=dict(rec["passes"]) if "passes" in rec else None)
+        linf=rec["linf"], l2=rec["l2"], attacked=attacked, seconds=float(rec["seconds"]), extra=dict(rec["extra"]), passes=rec.get("passes"))
 
 
 def still_robust(plan: SuitePlan, correct: torch.Tensor, y: torch.Tensor,
@@ -307,18 +297,7 @@ def run_clean_unit(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: to
     n = len(x)
     pred = logits.argmax(dim=1) if n else torch.zeros(0, dtype=torch.long)
     margin = adversarial_margin(logits, y) if n else torch.zeros(0)
-    return {"points": ids.tolist(), "clean_pred": pred, "clean_margin": margin, "seconds": time.perf_counter() - t0,
-            "passes": pass_record(counter.passes)}
-
-
-def pass_record(passes: Passes) -> dict[str, int]:
-    """The ``{"forward", "backward"}`` record of a count (batch rows)."""
-    return {"forward": int(passes.forward), "backward": int(passes.backward)}
-
-
-def add_passes(*records: Mapping[str, int]) -> dict[str, int]:
-    """The sum of ``{"forward", "backward"}`` records."""
-    return {k: sum(int(r[k]) for r in records) for k in ("forward", "backward")}
+    return {"points": ids.tolist(), "clean_pred": pred, "clean_margin": margin, "seconds": time.perf_counter() - t0, "passes": pass_record(counter.passes)}
 
 
 def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
@@ -334,17 +313,14 @@ def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, i
     correct = clean_pred == y
     idx = target.nonzero().flatten()
     outputs = {}
-    spent = Passes()
-    if len(idx):  # the one place an attack runs in the suite: counted
-        lead = unit.attacks[0]
-        if lead.family is not None:
-            with PassCounter(ctx.model) as counter:
+    with PassCounter(ctx.model) as counter:  # the one place an attack runs in the suite: counted
+        if len(idx):
+            lead = unit.attacks[0]
+            if lead.family is not None:
                 outputs = type(lead).run_family(ctx, list(unit.attacks), x[idx], y[idx], ids[idx], cascade=cascade)
-            spent = counter.passes
-        else:
-            out, spent = run_counted(lead, ctx, x[idx], y[idx], ids[idx])
-            outputs = {lead.name: out}
-    passes = pass_record(spent)
+            else:
+                outputs = {lead.name: lead.run(ctx, x[idx], y[idx], ids[idx])}
+    passes = pass_record(counter.passes)
     attacks: dict[str, Any] = {}
     for attack in unit.attacks:
         o = outputs.get(attack.name)
@@ -356,26 +332,13 @@ def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, i
             attacked=attacked, x_adv_attacked=x[:0] if o is None else o.x_adv, seconds=0.0 if o is None else o.seconds,
             extra=attack.per_sample({} if o is None else o.extra, mine, n, correct),
             x_best_attacked=None if o is None else o.x_best)
-        extra = {**res.extra, **_shares(passes, attacked)}
-        attacks[attack.name] = {**{c: getattr(res, c) for c in COLUMNS}, "extra": extra,
+        attacks[attack.name] = {**{c: getattr(res, c) for c in COLUMNS}, "extra": {**res.extra, **pass_shares(passes, attacked)},
                                 "seconds": res.seconds, "passes": dict(passes), "x_adv": res.x_adv}
     family = max((o.seconds for o in outputs.values()), default=0.0) if unit.attacks[0].family else 0.0
     # The one place a unit's record is made: a new per-unit measurement is a new key here, a new
     # per-point one a new column of ``attacks[name]`` (or of its ``extra``, which assemble keeps).
-    return {"points": ids.tolist(), "seconds": time.perf_counter() - t0, "pgd_family_seconds": family,
-            "passes": passes, "attacks": attacks}
-
-
-def _shares(passes: Mapping[str, int], attacked: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-point ``forward_share``/``backward_share``: the unit's passes over its attacked points."""
-    k = int(attacked.sum())
-    out = {}
-    for name, key in zip(SHARE_EXTRAS, ("forward", "backward"), strict=True):
-        col = torch.zeros(len(attacked), dtype=torch.float64)
-        if k:
-            col[attacked] = passes[key] / k
-        out[name] = col
-    return out
+    return {"points": ids.tolist(), "seconds": time.perf_counter() - t0, "pgd_family_seconds": family, "passes": passes,
+            "attacks": attacks}
 
 
 def run_units(
@@ -468,12 +431,7 @@ def assemble(plan: SuitePlan, store: UnitStore, y: torch.Tensor, ids: torch.Tens
                 "order": list(plan.order), "pgd_family_seconds": family_seconds}
     if plan.chunked:
         settings.update(chunks=n_chunks, pgd_chunk_seeds=f"seed + {CHUNK_SEED_STRIDE} * chunk")
-    passes: dict[str, Any] = {}
-    records = [p for p in counted if p is not None]
-    if len(records) == len(counted):  # every unit counted (a record from before the counter: none)
-        clean_passes = add_passes(*records[:n_chunks])
-        passes = {**add_passes(*records), "clean": clean_passes,
-                  "families": {u.name: u.names for u in plan.units if len(u.attacks) > 1}}
+    passes = suite_passes(counted, n_clean=n_chunks, families={u.name: u.names for u in plan.units if len(u.attacks) > 1})
     return SuiteResult(eps=plan.eps, eps_l2=plan.eps_l2, seed=plan.seed, indices=ids, labels=y,
                        clean_pred=clean_pred, clean_margin=clean_margin, attacks=results, worst_case=worst,
                        worst_case_attacks=in_worst, cascade=plan.cascade, settings=settings,
