@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .attacks import ATTACKS, check_attack_names, list_attacks
+from .attacks import check_attack_names, expand_presets, list_attacks
 from .auditing import (
     STATE_FILE,
     AuditOptions,
@@ -104,9 +104,8 @@ def build_parser() -> ArgumentParser:
 
     a = p.add_argument_group("attacks")
     a.add_argument("--eps", type=float, default=None, help="ℓ∞ radius in 1/255 units (default: 32 digits, 8 CIFAR-10, 12 SVHN)")
-    a.add_argument("--attacks", default=",".join(ATTACKS),
-                   help=f"comma list of installed attacks: {', '.join(['clean', *list_attacks()])} "
-                   "(default: the built-ins, all)")
+    a.add_argument("--attacks", default="default", help=f"comma list of installed attacks: {', '.join(['clean', *list_attacks()])}, "
+                   "or a preset: default (fgsm,pgd20,apgd-ce,apgd-t,square; the default) or thorough (every built-in)")
     a.add_argument("--alpha", type=float, default=None, help="PGD step in 1/255 units (default: 2; 4 on digits)")
     a.add_argument("--spsa-iterations", type=int, default=100, help="SPSA iterations (default: 100)")
     a.add_argument("--cascade", action="store_true",
@@ -134,6 +133,7 @@ def build_parser() -> ArgumentParser:
                    "audit in it is resumed")
     o.add_argument("--restart", action="store_true",
                    help=f"discard the audit state ({STATE_FILE}) in --out and start over")
+    o.add_argument("--save-adversarials", action="store_true", help="write each point's worst-case adversarial example to adversarials.safetensors and a grid to adversarials.png")
     add_common_arguments(p)
     return p
 
@@ -152,7 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {v}")
     if args.spsa_iterations < 0:
         raise UsageError("--spsa-iterations must be >= 0")
-    attacks = comma_list(args.attacks)
+    attacks = expand_presets(comma_list(args.attacks))
     check_attack_names(attacks or ["(none)"])  # unknown names list the registered ones
     sweep = _parse_sweep(args.eps_sweep)
     with process_group() as shard:
@@ -183,7 +183,7 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
         eps_sweep=[v / 255 for v in sweep], masking_check=args.masking_check, masking_n=args.masking_n,
         geometry=args.geometry, geometry_n=args.geometry_n, h=args.h, top_k=args.top_k, features=args.features,
         features_n=args.features_n, features_layers=comma_list(args.features_layers) or None,
-        batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, download=args.download,
+        batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, download=args.download, save_adversarials=args.save_adversarials,
     )
     if opts.eps == 0:
         raise UsageError("--eps 0 attacks nothing: give a positive radius (1/255 units)")

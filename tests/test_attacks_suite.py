@@ -236,7 +236,7 @@ def test_rows_and_summary(full, points):
     n = len(x)
     assert len(rows) == n * (1 + len(full.attacks))
     keys = {"index", "label", "clean_pred", "attack", "adv_pred", "success", "adv_loss", "linf", "l2",
-            "robust", "attacked", "min_norm", "broken_by", "best_fooled"}
+            "robust", "attacked", "min_norm", "broken_by", "best_fooled", "forward_share", "backward_share"}
     assert all(set(r) == keys for r in rows)
     assert [r["index"] for r in rows[:n]] == idx.tolist()
     by_attack: dict[str, list[dict]] = {}

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchattacks
 
+from cure_eval.attacks import ATTACKS
 from cure_eval.audit import main
 from cure_eval.data import get_dataset_spec, load_dataset, select_points
 from cure_eval.models import create_model, model_config_for
@@ -67,7 +68,7 @@ def test_audit_factory_pgd20_equals_torchattacks(tmp_path: Path, factory_and_wei
 def test_audit_checkpoint_full_suite_and_sweep(tmp_path: Path, wrn_checkpoint: Path) -> None:
     out = tmp_path / "audit"
     rc = main(["--checkpoint", str(wrn_checkpoint), "--n", "40", "--spsa-iterations", "20",
-               "--eps-sweep", "0,8,32", "--out", str(out), "--no-progress"])
+               "--attacks", ",".join(ATTACKS), "--eps-sweep", "0,8,32", "--out", str(out), "--no-progress"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["attacks"]) == {"fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf",

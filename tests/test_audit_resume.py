@@ -17,13 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cure_eval.attacks import run_suite
+from cure_eval.attacks import ATTACKS, run_suite
 from cure_eval.audit import main
 from cure_eval.data import load_dataset, select_points
 
 REPO = Path(__file__).resolve().parents[1]
 # 40 points in 5 chunks of 8; SPSA long enough per chunk to be killed in the middle.
-ARGS = ["--n", "40", "--batch-size", "8", "--spsa-iterations", "60", "--seed", "3", "--no-progress"]
+# the old default list (every built-in; SPSA is what the kill test interrupts)
+ARGS = ["--n", "40", "--batch-size", "8", "--spsa-iterations", "60", "--seed", "3", "--no-progress",
+        "--attacks", ",".join(ATTACKS)]
 
 
 def without_seconds(obj: Any) -> Any:
@@ -195,7 +197,7 @@ def test_one_chunk_equals_run_suite(tmp_path: Path, factory_argv: list[str], tra
     """Up to --batch-size points the audit is one run_suite call: its numbers are bit-identical."""
     out = tmp_path / "a"
     assert main([*factory_argv, "--n", "30", "--spsa-iterations", "10", "--seed", "7", "--no-progress",
-                 "--out", str(out)]) == 0
+                 "--attacks", ",".join(ATTACKS), "--out", str(out)]) == 0
     test = load_dataset("digits", "test")
     idx = select_points(len(test), 30, 7)
     suite = run_suite(trained_digits_model, test.tensors[0][idx], test.tensors[1][idx], eps=32 / 255,

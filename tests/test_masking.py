@@ -334,3 +334,21 @@ def test_the_test_models_old_names_still_resolve_with_a_warning() -> None:
     with pytest.warns(DeprecationWarning, match="moved to cure_eval.testing.NoisyInput"):
         assert masking.NoisyInput is testing.NoisyInput
 
+
+
+def test_square_vs_pgd_counts_by_hand_and_never_fails() -> None:
+    """Square's per-point comparison with PGD(100): hand-checkable shares; WARN at most (the
+    verdict stays the SPSA check's)."""
+    from cure_eval.masking import check_square_vs_pgd
+
+    clean = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0])
+    pgd = torch.tensor([0.5, 0.5, -0.1, 0.5, 0.5])
+    attacked = torch.tensor([True, True, True, True, False])
+    agree = check_square_vs_pgd(pgd_margin=pgd, square_margin=pgd + 0.01, clean_margin=clean, attacked=attacked)
+    assert agree.status == "PASS" and agree.value == 0.0
+    # points 0, 1: 0.6 below PGD (> 0.2 × 1), point 1 fooled by Square only; point 4 not attacked
+    sq = torch.tensor([-0.1, -0.1, -0.2, 0.45, -5.0])
+    f = check_square_vs_pgd(pgd_margin=pgd, square_margin=sq, clean_margin=clean, attacked=attacked)
+    assert f.value == pytest.approx(2 / 4) and f.details["square_beats_pgd"] == 2
+    assert f.details["square_robust_accuracy"] == pytest.approx(1 / 4)
+    assert f.status == "WARN" and f.value > f.threshold

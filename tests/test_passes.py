@@ -8,6 +8,9 @@ and when torchattacks, foolbox and pyautoattack call the model. Hand counts pin 
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -184,3 +187,57 @@ def test_run_counted_returns_the_attacks_own_passes(counted: SelfCounting, point
     assert out.x_adv.shape == x.shape and (passes.forward, passes.backward) == (len(x), len(x))
     assert passes.as_dict()["forward"] == counted.f_rows and passes.per_point(len(x)) == {"forward": 1.0,
                                                                                           "backward": 1.0}
+
+
+AUDITED = ("fgsm", "pgd7", "pgd20", "apgd-ce", "apgd-t", "square", "deepfool_linf", "spsa", "autoattack")
+
+
+def test_audit_records_each_attacks_passes_exactly(tmp_path: Path, counted: SelfCounting) -> None:
+    """Through :func:`audit_model`: each attack's recorded ``passes`` equals what the model counted
+    itself when the same attack (the audit plan's instance) runs again on the same points and seed;
+    the audit's total is the clean pass plus every unit, the CSV's per-point shares add up to it."""
+    from cure_eval.auditing import AuditOptions, audit_model
+    from cure_eval.auditing.options import resolve_radii
+    from cure_eval.auditing.runner import audit_plan
+    from cure_eval.data import get_dataset_spec
+
+    spec = get_dataset_spec("digits")
+    opts = AuditOptions(n=16, batch_size=16, attacks=list(AUDITED), spsa_iterations=3, seed=2)  # one chunk
+    summary = audit_model(counted, spec, {"source": "test"}, opts, tmp_path, device=torch.device("cpu"),
+                          progress=False, resumable=True)
+    eps, alpha = resolve_radii(opts, spec)
+    plan = audit_plan(opts.attacks, eps=eps, batch_size=opts.batch_size, seed=opts.seed, cascade=False,
+                      pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations)
+    test = load_dataset("digits", "test")
+    idx = select_points(len(test), opts.n, opts.seed)
+    x, y = test.tensors[0][idx], test.tensors[1][idx]
+    with torch.no_grad():
+        ok = counted(x).argmax(1) == y
+    ctx = plan.context(counted, torch.device("cpu"), False, 0, None)
+    units_total = {"forward": 0, "backward": 0}
+    for unit in plan.units:
+        counted.reset()
+        with torch.enable_grad():
+            lead = unit.attacks[0]
+            if lead.family is not None:
+                type(lead).run_family(plan.context(counted, torch.device("cpu"), False, 0, unit), list(unit.attacks),
+                                      x[ok], y[ok], idx[ok], cascade=False)
+            else:
+                lead.run(ctx, x[ok], y[ok], idx[ok])
+        own = {"forward": counted.f_rows, "backward": counted.b_rows}
+        assert own["forward"] > 0, unit.name
+        for name in unit.names:
+            assert summary["attacks"][name]["passes"] == own, name
+        units_total = {k: units_total[k] + own[k] for k in own}
+    clean = summary["passes"]["clean"]
+    assert clean == {"forward": len(x), "backward": 0}
+    assert summary["passes"]["forward"] == clean["forward"] + units_total["forward"]
+    assert summary["passes"]["backward"] == clean["backward"] + units_total["backward"]
+    saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert saved["passes"] == summary["passes"]
+    with open(tmp_path / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name in ("fgsm", "square", "autoattack"):
+        shares = [float(r["forward_share"]) for r in rows if r["attack"] == name]
+        assert sum(shares) == pytest.approx(summary["attacks"][name]["passes"]["forward"])
+    assert "passes f+b per point" in (tmp_path / "results.md").read_text(encoding="utf-8")

@@ -99,3 +99,36 @@ def test_a_later_cascade_attack_runs_on_the_survivors_only(trained_digits_model,
     spsa = store.get("spsa/0")["attacks"]["spsa"]
     assert correct[4:].any()
     assert spsa["attacked"].tolist() == (correct & (torch.arange(12) >= 4)).tolist()
+
+
+def test_the_default_audit_suite_never_warns_of_a_short_pgd(trained_digits_model, tmp_path, caplog) -> None:
+    """Every step-limited attack of the default suite reaches the ε-ball with the dataset's step
+    (digits: 20 × 4/255 ≥ 32/255), so a default audit logs no "cannot travel" warning; the
+    presets expand to their lists and the thorough one keeps the old built-ins."""
+    import logging
+
+    from cure_eval.attacks import (
+        ATTACKS,
+        DEFAULT_ATTACKS,
+        THOROUGH_ATTACKS,
+        expand_presets,
+        get_attack,
+    )
+    from cure_eval.auditing import AuditOptions, audit_model
+    from cure_eval.data import get_dataset_spec
+
+    opts = AuditOptions(n=8, batch_size=8)
+    assert opts.attacks == list(DEFAULT_ATTACKS) == expand_presets(["default"])
+    assert AuditOptions(attacks=["thorough"]).attacks == list(THOROUGH_ATTACKS)
+    assert set(ATTACKS) < set(THOROUGH_ATTACKS) and "autoattack" not in THOROUGH_ATTACKS
+    assert [get_attack(a).cost for a in DEFAULT_ATTACKS] == sorted(get_attack(a).cost for a in DEFAULT_ATTACKS)
+    with caplog.at_level(logging.WARNING):
+        summary = audit_model(trained_digits_model, get_dataset_spec("digits"), {"source": "test"}, opts, tmp_path,
+                              device=torch.device("cpu"), progress=False, resumable=False)
+    assert list(summary["attacks"]) == list(DEFAULT_ATTACKS)
+    assert not [r for r in caplog.records if "cannot travel" in r.getMessage()], caplog.text
+    # the same check does fire for a step that cannot cross (the thorough list's PGD(7) at 4/255)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_plan(["pgd7"], eps=32 / 255, pgd_alpha=4 / 255)
+    assert any("cannot travel" in r.getMessage() for r in caplog.records)

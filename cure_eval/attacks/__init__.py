@@ -34,14 +34,18 @@ from .registry import (
 from .spsa import LinfSPSAAttack, SPSAOutput, spsa_attack, spsa_gradient
 from .suite import (
     ATTACK_NAMES,
+    ATTACK_PRESETS,
     ATTACKS,
+    DEFAULT_ATTACKS,
     EPS_TOL,
+    THOROUGH_ATTACKS,
     EpsSweepResult,
     SuiteResult,
     autoattack_comparison,
     cascade_update,
     check_adversarial,
     eps_sweep,
+    expand_presets,
     library_versions,
     perturbation_norms,
     run_attack,
@@ -66,6 +70,10 @@ from .units import (
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_PRESETS",
+    "DEFAULT_ATTACKS",
+    "THOROUGH_ATTACKS",
+    "expand_presets",
     "ATTACK_ENTRY_POINT_GROUP",
     "ATTACK_NAMES",
     "Attack",

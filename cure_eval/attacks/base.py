@@ -81,6 +81,8 @@ class AttackResult:
     attacked: torch.Tensor
     seconds: float = 0.0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: ``{"forward", "backward"}`` model passes (batch rows) the attack spent, where counted (the suite's units)
+    passes: dict[str, int] | None = None
 
     @property
     def robust_accuracy(self) -> float:

@@ -40,7 +40,7 @@ double-backprop training step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -184,3 +184,43 @@ def run_counted(attack: Attack[Any], ctx: AttackContext, x: torch.Tensor, y: tor
     with PassCounter(ctx.model) as counter:
         out = attack.run(ctx, x, y, ids)
     return out, counter.passes
+
+
+def pass_record(passes: Passes) -> dict[str, int]:
+    """The ``{"forward", "backward"}`` record of a count (batch rows), as a unit record keeps it."""
+    return {"forward": int(passes.forward), "backward": int(passes.backward)}
+
+
+def add_passes(*records: Mapping[str, int]) -> dict[str, int]:
+    """The sum of ``{"forward", "backward"}`` records."""
+    return {k: sum(int(r[k]) for r in records) for k in ("forward", "backward")}
+
+
+#: The per-point pass columns (extras) of a suite unit's attack.
+SHARE_EXTRAS = ("forward_share", "backward_share")
+
+
+def pass_shares(passes: Mapping[str, int], attacked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per point ``forward_share``/``backward_share``: a unit's passes shared equally among the
+    points it attacked (0 for the others). The counter counts batch rows, not which point a row
+    belongs to (an attack may run a point many times, or stop it early), so per point this is the
+    unit's average, not the point's own count; summed over the points it is exact."""
+    k = int(attacked.sum())
+    out = {}
+    for name, key in zip(SHARE_EXTRAS, ("forward", "backward"), strict=True):
+        col = torch.zeros(len(attacked), dtype=torch.float64)
+        if k:
+            col[attacked] = passes[key] / k
+        out[name] = col
+    return out
+
+
+def suite_passes(records: Sequence[Mapping[str, int] | None], *, n_clean: int,
+                 families: Mapping[str, list[str]]) -> dict[str, Any]:
+    """A suite run's passes from its unit records' (the ``n_clean`` clean units first):
+    ``{"forward", "backward", "clean", "families"}``, or ``{}`` when a record was not counted
+    (a unit stored before the counter existed)."""
+    counted = [r for r in records if r is not None]
+    if len(counted) != len(records):
+        return {}
+    return {**add_passes(*counted), "clean": add_passes(*counted[:n_clean]), "families": dict(families)}

@@ -38,6 +38,10 @@ class SuiteResult:
     cascade: bool
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the whole run's model passes: ``{"forward", "backward"}`` (clean pass and every unit),
+    #: ``"clean"`` (the clean pass alone) and ``"families"`` (unit name: members sharing one run);
+    #: empty when not counted
+    passes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -174,8 +178,13 @@ def suite_summary(result: SuiteResult) -> dict[str, Any]:
         if "broken_by" in res.extra and subs:
             codes = res.extra["broken_by"]
             entry["broken_by"] = {s: int((codes == k).sum()) for k, s in enumerate(subs)}
+        if res.passes is not None:
+            entry["passes"] = dict(res.passes)
+            family = next((f for f, members in result.passes.get("families", {}).items() if name in members), None)
+            if family is not None:
+                entry["passes_shared_with"] = family
         attacks[name] = entry
-    return {
+    out: dict[str, Any] = {
         "n": result.n,
         "eps": result.eps,
         "eps_l2": result.eps_l2,
@@ -190,6 +199,9 @@ def suite_summary(result: SuiteResult) -> dict[str, Any]:
         "seconds": result.seconds,
         "versions": library_versions(),
     }
+    if result.passes:
+        out["passes"] = {k: result.passes[k] for k in ("forward", "backward", "clean")}
+    return out
 
 
 def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
@@ -202,7 +214,9 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
     its own norm; ``None`` for other attacks and where DeepFool found nothing) and ``broken_by``
     (AutoAttack: the sub-attack that broke the point, e.g. ``apgd-ce``; ``None`` elsewhere) and
     ``best_fooled`` (PGD: fooled at the returned point or at an earlier iterate, what the worst
-    case counts; ``None`` elsewhere).
+    case counts; ``None`` elsewhere) and ``forward_share``/``backward_share`` (the model passes
+    spent on the point: its unit's passes shared equally among the points the unit attacked, 0 for a
+    point it did not attack; clean rows: the clean pass over the points; ``None`` where not counted).
     """
     idx = result.indices.tolist()
     labels = result.labels.tolist()
@@ -210,11 +224,14 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     margin = result.clean_margin.tolist()
     correct = result.clean_correct.tolist()
+    clean_passes = result.passes.get("clean")
+    clean_share = ([clean_passes["forward"] / result.n, clean_passes["backward"] / result.n]
+                   if clean_passes and result.n else [None, None])
     for i in range(result.n):
         rows.append({"index": idx[i], "label": labels[i], "clean_pred": clean[i], "attack": "clean",
                      "attacked": False, "adv_pred": clean[i], "success": False, "robust": correct[i],
                      "adv_loss": margin[i], "linf": 0.0, "l2": 0.0, "min_norm": None, "broken_by": None,
-                     "best_fooled": None})
+                     "best_fooled": None, "forward_share": clean_share[0], "backward_share": clean_share[1]})
     for name, res in result.attacks.items():
         cols = {k: getattr(res, k).tolist() for k in ("attacked", "adv_pred", "success", "robust",
                                                        "margin", "linf", "l2")}
@@ -222,6 +239,7 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
         subs = get_attack(name).sub_attacks()
         by = res.extra["broken_by"].tolist() if "broken_by" in res.extra and subs else None
         best = res.extra["best_fooled"].tolist() if "best_fooled" in res.extra else None
+        shares = [res.extra[k].tolist() if k in res.extra else None for k in ("forward_share", "backward_share")]
         for i in range(result.n):
             m = None if mn is None or not math.isfinite(mn[i]) else mn[i]
             b = None if by is None else _broken_by_name(subs, by[i])
@@ -230,5 +248,7 @@ def suite_rows(result: SuiteResult) -> list[dict[str, Any]]:
                          "success": cols["success"][i], "robust": cols["robust"][i],
                          "adv_loss": cols["margin"][i], "linf": cols["linf"][i], "l2": cols["l2"][i],
                          "min_norm": m, "broken_by": b,
-                         "best_fooled": None if best is None or math.isnan(best[i]) else bool(best[i])})
+                         "best_fooled": None if best is None or math.isnan(best[i]) else bool(best[i]),
+                         "forward_share": None if shares[0] is None else shares[0][i],
+                         "backward_share": None if shares[1] is None else shares[1][i]})
     return rows

@@ -85,7 +85,7 @@ from .units import SUITE_DEFAULTS, MemoryStore, assemble, cascade_update, make_p
 from .validity import EPS_TOL, check_adversarial, check_inputs, perturbation_norms
 
 __all__ = [
-    "ATTACKS", "ATTACK_NAMES", "EPS_TOL", "EpsSweepResult", "SuiteResult", "autoattack_comparison",
+    "ATTACKS", "ATTACK_NAMES", "ATTACK_PRESETS", "DEFAULT_ATTACKS", "EPS_TOL", "THOROUGH_ATTACKS", "expand_presets", "EpsSweepResult", "SuiteResult", "autoattack_comparison",
     "cascade_update", "check_adversarial", "eps_sweep", "library_versions", "perturbation_norms", "run_attack",
     "run_suite", "suite_rows", "suite_summary", "threat_norm",
 ]
@@ -95,6 +95,32 @@ __all__ = [
 ATTACKS: tuple[str, ...] = (
     "fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf", "deepfool_l2", "spsa",
 )
+#: The audit's default suite (``audit --attacks default``), cheap → strong by measured strength per
+#: pass (docs/attacks.md: FGSM > PGD(20) > APGD-CE > APGD-T(MALT, 3 targets) > Square(1000) equals
+#: AutoAttack's worst case on every honest digits model measured, at about 0.2× its passes as a
+#: cascade). PGD(20) is the only step-limited member: the dataset's PGD step (digits 4/255 =
+#: 2.5·ε/20 at ε = 32/255, Madry et al.; CIFAR 2/255 ≥ 2.5·(8/255)/20) lets its 20 steps cross the
+#: ε-ball, so a default audit never warns of a short PGD. The masking check runs the attacks it
+#: needs beyond these itself (PGD(40/100), SPSA), the features stage replays PGD(20).
+DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd20", "apgd-ce", "apgd-t", "square")
+#: ``audit --attacks thorough``: every built-in (:data:`ATTACKS`, the old default list) plus APGD-T
+#: and Square; AutoAttack is not in it (ask for ``autoattack`` by name).
+THOROUGH_ATTACKS: tuple[str, ...] = (*ATTACKS, "apgd-t", "square")
+#: Names that stand for a list of attacks in an ``attacks`` selection.
+ATTACK_PRESETS: dict[str, tuple[str, ...]] = {"default": DEFAULT_ATTACKS, "thorough": THOROUGH_ATTACKS}
+
+
+def expand_presets(attacks: Sequence[str]) -> list[str]:
+    """``attacks`` with each preset name (:data:`ATTACK_PRESETS`) replaced by its attacks, first
+    occurrences kept in order."""
+    out: list[str] = []
+    for a in attacks:
+        for b in ATTACK_PRESETS.get(a, (a,)):
+            if b not in out:
+                out.append(b)
+    return out
+
+
 #: The built-in names accepted by :func:`run_suite` (``clean`` adds nothing: clean accuracy is
 #: always there).
 ATTACK_NAMES: tuple[str, ...] = ("clean", *ATTACKS)

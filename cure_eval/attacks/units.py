@@ -19,12 +19,12 @@ attacks that draw from the global RNG (:func:`chunk_seed`) and the worst case (:
 
 A unit record is a plain dict (tensors on the CPU)::
 
-    clean unit: {"points", "clean_pred", "clean_margin", "seconds"}
-    attack unit: {"points", "seconds", "pgd_family_seconds",
+    clean unit: {"points", "clean_pred", "clean_margin", "seconds", "passes"}
+    attack unit: {"points", "seconds", "pgd_family_seconds", "passes",
                   "attacks": {name: {"attacked", "adv_pred", "margin", "linf", "l2", "extra",
-                                     "seconds", "x_adv"}}}
+                                     "seconds", "passes", "x_adv"}}}
 
-New per-unit or per-point measurements are new keys of this record, added in :func:`run_unit`
+New per-unit or per-point measurements (e.g. ``passes``, :mod:`.passes`) are new keys, added in :func:`run_unit`
 (the one place a unit runs); a store keeps every key (the file store encodes tensors, see
 :mod:`cure_eval.auditing.codec`, and leaves out the adversarial images, :data:`NOT_STORED`).
 """
@@ -45,6 +45,7 @@ from ..errors import UsageError
 from .base import Attack, AttackConfig, AttackContext, AttackResult, Norm, adversarial_margin
 from .deepfool import DeepFoolConfig
 from .measure import measure_attack
+from .passes import PassCounter, add_passes, pass_record, pass_shares, suite_passes
 from .pgd import PGD, PGDConfig
 from .registry import attack_order, get_attack
 from .results import SuiteResult
@@ -274,7 +275,7 @@ def attack_result(name: str, eps: float, rec: Mapping[str, Any], y: torch.Tensor
     return AttackResult(
         name=name, eps=eps, x_adv=torch.zeros(len(y), 0) if x_adv is None else x_adv, adv_pred=adv_pred,
         success=attacked & (adv_pred != y), robust=attacked & (adv_pred == y), margin=rec["margin"],
-        linf=rec["linf"], l2=rec["l2"], attacked=attacked, seconds=float(rec["seconds"]), extra=dict(rec["extra"]))
+        linf=rec["linf"], l2=rec["l2"], attacked=attacked, seconds=float(rec["seconds"]), extra=dict(rec["extra"]), passes=rec.get("passes"))
 
 
 def still_robust(plan: SuitePlan, correct: torch.Tensor, y: torch.Tensor,
@@ -291,11 +292,12 @@ def still_robust(plan: SuitePlan, correct: torch.Tensor, y: torch.Tensor,
 def run_clean_unit(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> dict[str, Any]:
     """The clean unit of a chunk: predictions and margins at the clean points."""
     t0 = time.perf_counter()
-    logits = ctx.logits(x)
+    with PassCounter(ctx.model) as counter:
+        logits = ctx.logits(x)
     n = len(x)
     pred = logits.argmax(dim=1) if n else torch.zeros(0, dtype=torch.long)
     margin = adversarial_margin(logits, y) if n else torch.zeros(0)
-    return {"points": ids.tolist(), "clean_pred": pred, "clean_margin": margin, "seconds": time.perf_counter() - t0}
+    return {"points": ids.tolist(), "clean_pred": pred, "clean_margin": margin, "seconds": time.perf_counter() - t0, "passes": pass_record(counter.passes)}
 
 
 def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, *,
@@ -311,12 +313,14 @@ def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, i
     correct = clean_pred == y
     idx = target.nonzero().flatten()
     outputs = {}
-    if len(idx):
-        lead = unit.attacks[0]
-        if lead.family is not None:
-            outputs = type(lead).run_family(ctx, list(unit.attacks), x[idx], y[idx], ids[idx], cascade=cascade)
-        else:
-            outputs = {lead.name: lead.run(ctx, x[idx], y[idx], ids[idx])}
+    with PassCounter(ctx.model) as counter:  # the one place an attack runs in the suite: counted
+        if len(idx):
+            lead = unit.attacks[0]
+            if lead.family is not None:
+                outputs = type(lead).run_family(ctx, list(unit.attacks), x[idx], y[idx], ids[idx], cascade=cascade)
+            else:
+                outputs = {lead.name: lead.run(ctx, x[idx], y[idx], ids[idx])}
+    passes = pass_record(counter.passes)
     attacks: dict[str, Any] = {}
     for attack in unit.attacks:
         o = outputs.get(attack.name)
@@ -328,12 +332,12 @@ def run_unit(ctx: AttackContext, unit: Unit, x: torch.Tensor, y: torch.Tensor, i
             attacked=attacked, x_adv_attacked=x[:0] if o is None else o.x_adv, seconds=0.0 if o is None else o.seconds,
             extra=attack.per_sample({} if o is None else o.extra, mine, n, correct),
             x_best_attacked=None if o is None else o.x_best)
-        attacks[attack.name] = {**{c: getattr(res, c) for c in COLUMNS}, "extra": res.extra,
-                                "seconds": res.seconds, "x_adv": res.x_adv}
+        attacks[attack.name] = {**{c: getattr(res, c) for c in COLUMNS}, "extra": {**res.extra, **pass_shares(passes, attacked)},
+                                "seconds": res.seconds, "passes": dict(passes), "x_adv": res.x_adv}
     family = max((o.seconds for o in outputs.values()), default=0.0) if unit.attacks[0].family else 0.0
     # The one place a unit's record is made: a new per-unit measurement is a new key here, a new
     # per-point one a new column of ``attacks[name]`` (or of its ``extra``, which assemble keeps).
-    return {"points": ids.tolist(), "seconds": time.perf_counter() - t0, "pgd_family_seconds": family,
+    return {"points": ids.tolist(), "seconds": time.perf_counter() - t0, "pgd_family_seconds": family, "passes": passes,
             "attacks": attacks}
 
 
@@ -395,6 +399,7 @@ def assemble(plan: SuitePlan, store: UnitStore, y: torch.Tensor, ids: torch.Tens
     clean_pred = torch.cat([c["clean_pred"] for c in cleans])
     clean_margin = torch.cat([c["clean_margin"] for c in cleans])
     total = sum(float(c["seconds"]) for c in cleans)
+    counted = [c.get("passes") for c in cleans]
     correct = clean_pred == y
     results: dict[str, AttackResult] = {}
     family_seconds = 0.0
@@ -402,6 +407,7 @@ def assemble(plan: SuitePlan, store: UnitStore, y: torch.Tensor, ids: torch.Tens
     for unit in plan.units:
         recs = [store.get(f"{unit.name}/{k}") for k in ks]
         total += sum(float(r["seconds"]) for r in recs)
+        counted += [r.get("passes") for r in recs]
         if unit.name == "pgd":
             family_seconds = sum(float(r["pgd_family_seconds"]) for r in recs)
         for a in unit.names:
@@ -425,10 +431,11 @@ def assemble(plan: SuitePlan, store: UnitStore, y: torch.Tensor, ids: torch.Tens
                 "order": list(plan.order), "pgd_family_seconds": family_seconds}
     if plan.chunked:
         settings.update(chunks=n_chunks, pgd_chunk_seeds=f"seed + {CHUNK_SEED_STRIDE} * chunk")
+    passes = suite_passes(counted, n_clean=n_chunks, families={u.name: u.names for u in plan.units if len(u.attacks) > 1})
     return SuiteResult(eps=plan.eps, eps_l2=plan.eps_l2, seed=plan.seed, indices=ids, labels=y,
                        clean_pred=clean_pred, clean_margin=clean_margin, attacks=results, worst_case=worst,
                        worst_case_attacks=in_worst, cascade=plan.cascade, settings=settings,
-                       seconds=total if seconds is None else seconds)
+                       seconds=total if seconds is None else seconds, passes=passes)
 
 
 def _concat(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -436,6 +443,8 @@ def _concat(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {c: torch.cat([p[c] for p in parts]) for c in COLUMNS}
     out["extra"] = {e: torch.cat([p["extra"][e] for p in parts]) for e in parts[0]["extra"]}
     out["seconds"] = sum(float(p["seconds"]) for p in parts)
+    if all("passes" in p for p in parts):
+        out["passes"] = add_passes(*(p["passes"] for p in parts))
     if all("x_adv" in p for p in parts):
         out["x_adv"] = torch.cat([p["x_adv"] for p in parts])
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..attacks import ATTACKS
+from ..attacks import DEFAULT_ATTACKS, expand_presets
 from ..data import DatasetSpec
 from ..errors import UsageError
 
@@ -13,12 +13,14 @@ from ..errors import UsageError
 class AuditOptions:
     """What to run in an audit. ε, PGD step and the sweep radii in [0, 1] pixel units
     (``None``: the dataset's default); ``n`` points (``None``: all on digits, 1000 otherwise);
-    ``features_layers``: module names for ``features`` (``None``: the network's stages)."""
+    ``features_layers``: module names for ``features`` (``None``: the network's stages);
+    ``attacks``: attack names or the presets ``"default"`` / ``"thorough"``
+    (:data:`~cure_eval.attacks.ATTACK_PRESETS`; default :data:`~cure_eval.attacks.DEFAULT_ATTACKS`)."""
 
     eps: float | None = None
     alpha: float | None = None
     n: int | None = None
-    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     spsa_iterations: int = 100
     cascade: bool = False
     eps_sweep: list[float] = field(default_factory=list)
@@ -35,6 +37,10 @@ class AuditOptions:
     seed: int = 0
     data_dir: str = "data"
     download: bool = False
+    save_adversarials: bool = False
+
+    def __post_init__(self) -> None:
+        self.attacks = expand_presets(self.attacks)  # "default", "thorough": their attacks
 
 
 def resolve_radii(opts: AuditOptions, spec: DatasetSpec) -> tuple[float, float]:

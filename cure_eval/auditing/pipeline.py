@@ -102,7 +102,8 @@ def audit_model(
         attacks=opts.attacks, cascade=opts.cascade, seed=opts.seed, spsa_iterations=opts.spsa_iterations,
         batch_size=opts.batch_size, device=device)
     store = AuditState if resumable else MemoryAuditState
-    state = store.open(out, fingerprint, shard=shard, restart=restart)  # refuses other settings
+    state = store.open(out, fingerprint, shard=shard, restart=restart,  # refuses other settings
+                       keep_adversarials=opts.save_adversarials)
     try:
         run = AuditRun(model=model, spec=spec, opts=opts, out=out, x=x, y=y, eps=eps, alpha=alpha, device=device,
                        progress=progress, label=label, suite=None)
@@ -128,6 +129,10 @@ def _audit_with_state(run: AuditRun, desc: dict[str, Any], plan: SuitePlan, stat
     for stage in STAGES:  # the optional sections, in order; each resumable and allowed not to apply
         if stage.wanted(opts):
             summary[stage.name] = run_stage(stage, run, state)
+    if opts.save_adversarials:
+        from .adversarials import write_adversarials
+
+        summary["adversarials"] = write_adversarials(out, suite, run.x)
     write_report(out, suite, summary, title=f"Audit of {run.label} on {run.spec.name}, ε = {run.eps * 255:g}/255")
     state.mark_complete()
     log.info("audit of %s written to %s", run.label, out)
@@ -138,7 +143,7 @@ def _start(run: AuditRun, desc: dict[str, Any], state: AuditState, shard: Shard)
     """Rank 0, before the suite: remove stale outputs, write ``config.json``, say what runs."""
     out, opts = run.out, run.opts
     n_chunks = -(-len(run.x) // opts.batch_size)
-    for stale in ("results.json", "results.md", "per_sample.csv"):
+    for stale in ("results.json", "results.md", "per_sample.csv", "adversarials.safetensors", "adversarials.png"):
         (out / stale).unlink(missing_ok=True)  # an unfinished audit never looks finished
     config = {"cure_eval_version": __version__, "model": desc, "dataset": run.spec.name, "n_points": len(run.x),
               **dataclasses.asdict(opts), "eps": run.eps, "pgd_alpha": run.alpha, "device": str(run.device),

@@ -82,7 +82,10 @@ def has_geometry(summary: dict[str, Any]) -> bool:
 
 def format_results_table(summary: dict[str, Any]) -> str:
     """The summary as a GitHub-flavoured table (accuracies in %)."""
-    rows = [["clean", f"{100 * summary['clean_accuracy']:.1f}", "", ""]]
+    n = max(int(summary.get("n", 0)), 1)
+    total = summary.get("passes")
+    rows = [["clean", f"{100 * summary['clean_accuracy']:.1f}", "", "",
+             _per_point(total.get("clean") if total else None, n)]]
     for name, r in summary["attacks"].items():
         acc = r.get("robust_accuracy")
         if acc is None:
@@ -91,9 +94,13 @@ def format_results_table(summary: dict[str, Any]) -> str:
         else:
             label = attack_label(name)
         med = r.get("median_min_norm")
-        rows.append([label, f"{100 * acc:.1f}", f"{r['seconds']:.1f}", "" if med is None else f"{med:.3f}"])
-    rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", ""])
-    table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation"], tablefmt="github")
+        shared = r.get("passes_shared_with")
+        rows.append([label, f"{100 * acc:.1f}", f"{r['seconds']:.1f}", "" if med is None else f"{med:.3f}",
+                     _per_point(r.get("passes"), n) + (f" ({shared}, shared)" if shared else "")])
+    rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", "",
+                 _per_point(total, n) + (" (all)" if total else "")])
+    table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation",
+                                    "passes f+b per point"], tablefmt="github")
     comparison = format_autoattack_comparison(summary)
     table += "\n\n" + comparison if comparison else ""
     feats = summary.get("features")
@@ -104,6 +111,13 @@ def format_results_table(summary: dict[str, Any]) -> str:
         table += (f"\n\nFeature sensitivity ‖Δf_l‖₂/‖δ‖₂ on {feats['n_points']} points, ε = {feats['eps'] * 255:.4g}/255 "
                   f"(random sign δ vs the suite's PGD(20) δ), and confidence:\n\n" + features_table({label: feats}))
     return table
+
+
+def _per_point(passes: dict[str, Any] | None, n: int) -> str:
+    """``"f+b"``: forward and backward passes per audited point (of all ``n``, not only the attacked)."""
+    if not passes:
+        return ""
+    return f"{passes['forward'] / n:.0f}+{passes['backward'] / n:.0f}"
 
 
 def format_autoattack_comparison(summary: dict[str, Any]) -> str:
@@ -134,7 +148,7 @@ def _points(indices: list[int], most: int = 20) -> str:
 def per_sample_csv(suite: SuiteResult) -> str:
     """``per_sample.csv``: one row per (point, attack) (:func:`~cure_eval.attacks.suite_rows`)."""
     cols = ["index", "label", "clean_pred", "attack", "attacked", "adv_pred", "success", "robust",
-            "adv_loss", "linf", "l2", "min_norm", "broken_by", "best_fooled"]
+            "adv_loss", "linf", "l2", "min_norm", "broken_by", "best_fooled", "forward_share", "backward_share"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()

@@ -44,6 +44,9 @@ log = logging.getLogger("cure_eval.audit")
 STATE_FILE = "audit_state.json"
 #: Lock file of the audit folder (byte ``r`` is rank ``r``'s lock).
 LOCK_FILE = ".audit_state.lock"
+#: Folder of the adversarial images kept beside the state (``keep_adversarials``): one safetensors
+#: file per unit, ``<unit>__<chunk>.safetensors``, a tensor per attack.
+ADVERSARIALS_DIR = "audit_adversarials"
 #: Version tag of the state format; another tag is refused like other settings.
 STATE_FORMAT = "cure_eval.audit_state/1"
 
@@ -89,8 +92,10 @@ class AuditState:
     Made by :meth:`open`, which takes this rank's lock on the folder; :meth:`close` releases it.
     """
 
-    def __init__(self, out: Path, fingerprint: Mapping[str, Any], shard: Shard = Shard()) -> None:
+    def __init__(self, out: Path, fingerprint: Mapping[str, Any], shard: Shard = Shard(), *,
+                 keep_adversarials: bool = False) -> None:
         self.out = Path(out)
+        self.keep_adversarials = keep_adversarials
         self.fingerprint: dict[str, Any] = normal(dict(fingerprint))
         self.shard = shard
         self.units: dict[str, dict[str, Any]] = {}
@@ -106,14 +111,16 @@ class AuditState:
 
     @classmethod
     def open(cls, out: Path, fingerprint: Mapping[str, Any], *, shard: Shard = Shard(),
-             restart: bool = False) -> AuditState:
+             restart: bool = False, keep_adversarials: bool = False) -> AuditState:
         """Load (and check) the state in ``out``, or discard it with ``restart``.
 
-        Raises :class:`CureEvalError` if a state file was made with other settings.
+        ``keep_adversarials``: also keep each unit's adversarial images, in :data:`ADVERSARIALS_DIR`
+        (the state file leaves them out). Raises :class:`CureEvalError` if a state file was made
+        with other settings.
         """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = cls(out, fingerprint, shard)
+        state = cls(out, fingerprint, shard, keep_adversarials=keep_adversarials)
         state._lock_fd = _lock(out, shard.rank)  # before touching anything
         try:
             if shard.is_main:
@@ -122,6 +129,8 @@ class AuditState:
                 if restart:
                     found = state_files(out)
                     for f in found:
+                        f.unlink()
+                    for f in (out / ADVERSARIALS_DIR).glob("*.safetensors"):
                         f.unlink()
                     if found:
                         log.info("--restart: discarded %s", ", ".join(f.name for f in found))
@@ -170,13 +179,32 @@ class AuditState:
         return key in self.units
 
     def get(self, key: str) -> dict[str, Any]:
-        """A finished unit's record, tensors decoded."""
-        return dict(decode_record(self.units[key]))
+        """A finished unit's record, tensors decoded (with its adversarial images where kept)."""
+        record = dict(decode_record(self.units[key]))
+        side = self._adversarials_path(key)
+        if self.keep_adversarials and "attacks" in record and side.exists():
+            from safetensors.torch import load_file
+
+            images = load_file(str(side))
+            record["attacks"] = {a: ({**cols, "x_adv": images[a]} if a in images else cols)
+                                 for a, cols in record["attacks"].items()}
+        return record
 
     def put(self, key: str, record: dict[str, Any]) -> None:
-        """Record a finished unit (tensors encoded, images left out) and save at once."""
+        """Record a finished unit (tensors encoded, images left out, or kept beside the state with
+        ``keep_adversarials``) and save at once."""
+        if self.keep_adversarials and "attacks" in record:
+            from safetensors.torch import save_file
+
+            from ..core.io import atomic_write
+
+            images = {a: cols["x_adv"].contiguous() for a, cols in record["attacks"].items() if "x_adv" in cols}
+            atomic_write(self._adversarials_path(key), lambda tmp: save_file(images, tmp))
         self.units[key] = normal(encode_record(record))
         self.save()
+
+    def _adversarials_path(self, key: str) -> Path:
+        return self.out / ADVERSARIALS_DIR / (key.replace("/", "__") + ".safetensors")
 
     def stage(self, name: str, settings: Mapping[str, Any], files: Sequence[str]) -> Any | None:
         """A finished stage's result if it was made with ``settings`` and its files exist."""
@@ -213,9 +241,9 @@ class MemoryAuditState(AuditState):
 
     @classmethod
     def open(cls, out: Path, fingerprint: Mapping[str, Any], *, shard: Shard = Shard(),
-             restart: bool = False) -> AuditState:
+             restart: bool = False, keep_adversarials: bool = False) -> AuditState:
         Path(out).mkdir(parents=True, exist_ok=True)
-        return cls(Path(out), fingerprint, shard)
+        return cls(Path(out), fingerprint, shard, keep_adversarials=keep_adversarials)
 
     def get(self, key: str) -> dict[str, Any]:
         return self.units[key]

@@ -40,6 +40,7 @@ from .verdicts import (
     check_pgd_convergence,
     check_random_noise,
     check_spsa_vs_pgd,
+    check_square_vs_pgd,
     check_suite_vs_autoattack,
     check_unbounded,
     still_improving,
@@ -141,6 +142,7 @@ def run_masking_check(
                          clean_margin=clean_margin, attacked=attacked)
         findings = [check(run) for _, check in MASKING_CHECKS]
         if suite is not None and reuse:
+            findings.extend(_square_findings(suite, points, attacked, results["pgd100"], clean_margin, tolerance))
             findings.extend(_autoattack_findings(suite, points, attacked))
 
     verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
@@ -326,6 +328,18 @@ def _autoattack_findings(suite: SuiteResult, points: torch.Tensor, attacked: tor
         suite_robust &= suite.attacks[a].worst_case_robust[points]
     return [check_suite_vs_autoattack(suite_robust=suite_robust, autoattack_robust=suite.attacks[r].robust[points],
                                       attacked=attacked, attack=r) for r in refs]
+
+
+def _square_findings(suite: SuiteResult, points: torch.Tensor, attacked: torch.Tensor, pgd100: AttackResult,
+                     clean_margin: torch.Tensor, tolerance: float) -> list[Finding]:
+    """``square_vs_pgd`` on the checked points when the suite ran Square (the default suite does);
+    none otherwise."""
+    if "square" not in suite.attacks:
+        return []
+    sq = _subset(suite.attacks["square"], points)
+    att = attacked & sq.attacked
+    return [check_square_vs_pgd(pgd_margin=pgd100.margin.float(), square_margin=sq.margin.float(),
+                                clean_margin=clean_margin.float(), attacked=att, tolerance=tolerance)]
 
 
 def _subset(res: AttackResult, points: torch.Tensor) -> AttackResult:

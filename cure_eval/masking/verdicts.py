@@ -25,6 +25,7 @@ from .findings import (
     UNBOUNDED_FAIL,
     UNBOUNDED_STEPS,
     Finding,
+    Status,
     frac,
     pct,
     status_of,
@@ -88,6 +89,45 @@ def check_spsa_vs_pgd(
                 "WARN": ": a few points where PGD overstates robustness, as on honest models",
                 "PASS": ": both attacks agree (CURE Fig. 7)"}[status]
     return Finding("spsa_vs_pgd", status, value, threshold, message, details)
+
+def check_square_vs_pgd(
+    *,
+    pgd_margin: torch.Tensor,
+    square_margin: torch.Tensor,
+    clean_margin: torch.Tensor,
+    attacked: torch.Tensor,
+    tolerance: float = SPSA_TOLERANCE,
+    threshold: float = SPSA_STRONGER_FAIL,
+) -> Finding:
+    """The second per-point gradient-free comparison: Square (Andriushchenko et al. 2020,
+    https://arxiv.org/abs/1912.00049) against PGD(100), as :func:`check_spsa_vs_pgd` compares
+    SPSA: ``value`` is the share of attacked points where Square's adversarial loss lies below
+    PGD(100)'s by more than ``tolerance`` × the clean margin; details give the share Square fools
+    while PGD(100) does not, and both robust accuracies.
+
+    Never FAIL (no threshold of its own has been measured on honest and masked models yet, so
+    the verdict stays the SPSA check's): WARN when ``value > threshold`` with at least
+    :data:`MIN_POINTS` such points, or when Square fools a point PGD(100) did not; else PASS.
+    """
+    att = attacked.bool()
+    pgd_fooled = pgd_margin < 0
+    sq_fooled = square_margin < 0
+    beats = att & sq_fooled & ~pgd_fooled
+    stronger = att & (square_margin < pgd_margin - tolerance * clean_margin.abs())
+    value = frac(stronger, att)
+    beats_frac = frac(beats, att)
+    pgd_acc, sq_acc = frac(~pgd_fooled, att), frac(~sq_fooled, att)
+    details = {"square_stronger": int(stronger.sum()), "square_beats_pgd": int(beats.sum()),
+               "square_beats_pgd_fraction": beats_frac, "attacked": int(att.sum()),
+               "pgd100_robust_accuracy": pgd_acc, "square_robust_accuracy": sq_acc, "tolerance": tolerance}
+    flagged = status_of(value, threshold, warn=bool(beats.any()), count=int(stronger.sum())) != "PASS"
+    status: Status = "WARN" if flagged else "PASS"
+    message = (f"Square loss clearly below PGD(100)'s on {pct(value)} of the points, Square fools "
+               f"{pct(beats_frac)} PGD does not (robust PGD {pct(pgd_acc)}, Square {pct(sq_acc)})")
+    message += (": the gradient-free attack finds what PGD misses (informative; the SPSA check decides)"
+                if flagged else ": both attacks agree")
+    return Finding("square_vs_pgd", status, value, threshold, message, details)
+
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     if len(a) < 3:
