@@ -38,6 +38,7 @@ summed over units (over ranks and resumed runs). Under torchrun spell ``--n`` an
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
@@ -108,8 +109,8 @@ def build_parser() -> ArgumentParser:
                    "or a preset: default (fgsm,pgd20,apgd-ce,apgd-t,square; the default) or thorough (every built-in)")
     a.add_argument("--alpha", type=float, default=None, help="PGD step in 1/255 units (default: 2; 4 on digits)")
     a.add_argument("--spsa-iterations", type=int, default=100, help="SPSA iterations (default: 100)")
-    a.add_argument("--cascade", action="store_true",
-                   help="compute only the worst case: attack each point only while it is still robust")
+    a.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=None, help="attack each point "
+                   "only while it is still robust (default: on for the default suite, off for any other list)")
     a.add_argument("--eps-sweep", default=None, metavar="E1,E2,...",
                    help="also run PGD(20) at each ε (1/255 units), e.g. 0,2,4,8,16,32; writes eps_sweep.json/png")
     a.add_argument("--batch-size", type=int, default=256, help="points per attack batch (default: 256)")

@@ -48,3 +48,15 @@ def test_in_memory_and_resumable_audits_are_identical(tmp_path: Path, trained_di
     summary = json.loads((memory / "results.json").read_text(encoding="utf-8"))
     assert summary["settings"]["chunks"] == 3 and summary["cascade"] is cascade
     assert 0.0 <= summary["worst_case_accuracy"] < summary["clean_accuracy"]
+
+
+def test_the_default_suite_runs_as_a_cascade_and_other_lists_do_not() -> None:
+    """The default list is ordered cheap → strong for a cascade (docs/attacks.md); any other list
+    keeps each attack's own column unless asked."""
+    from cure_eval.attacks import DEFAULT_ATTACKS
+
+    assert AuditOptions().cascade is True and AuditOptions(attacks=["default"]).cascade is True
+    assert tuple(AuditOptions().attacks) == DEFAULT_ATTACKS
+    assert AuditOptions(attacks=["fgsm", "pgd20"]).cascade is False
+    assert AuditOptions(attacks=["thorough"]).cascade is False
+    assert AuditOptions(cascade=False).cascade is False and AuditOptions(attacks=["fgsm"], cascade=True).cascade is True

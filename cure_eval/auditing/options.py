@@ -15,14 +15,18 @@ class AuditOptions:
     (``None``: the dataset's default); ``n`` points (``None``: all on digits, 1000 otherwise);
     ``features_layers``: module names for ``features`` (``None``: the network's stages);
     ``attacks``: attack names or the presets ``"default"`` / ``"thorough"``
-    (:data:`~cure_eval.attacks.ATTACK_PRESETS`; default :data:`~cure_eval.attacks.DEFAULT_ATTACKS`)."""
+    (:data:`~cure_eval.attacks.ATTACK_PRESETS`; default :data:`~cure_eval.attacks.DEFAULT_ATTACKS`).
+    ``cascade``: each attack only on the points still robust (``None``, the default: a cascade for
+    the default suite, whose order is cheap → strong by measured strength per pass, and every
+    attack on every clean-correct point for any other list, whose columns are then each attack's
+    own robust accuracy)."""
 
     eps: float | None = None
     alpha: float | None = None
     n: int | None = None
     attacks: list[str] = field(default_factory=lambda: list(DEFAULT_ATTACKS))
     spsa_iterations: int = 100
-    cascade: bool = False
+    cascade: bool | None = None
     eps_sweep: list[float] = field(default_factory=list)
     masking_check: bool = False
     masking_n: int | None = None
@@ -41,6 +45,8 @@ class AuditOptions:
 
     def __post_init__(self) -> None:
         self.attacks = expand_presets(self.attacks)  # "default", "thorough": their attacks
+        if self.cascade is None:
+            self.cascade = tuple(self.attacks) == DEFAULT_ATTACKS
 
 
 def resolve_radii(opts: AuditOptions, spec: DatasetSpec) -> tuple[float, float]:

@@ -95,11 +95,11 @@ def audit_model(
         from ..features import resolve_layers
 
         resolve_layers(model, opts.features_layers)  # an unknown name fails now, not after the suite
-    plan = audit_plan(opts.attacks, eps=eps, batch_size=opts.batch_size, seed=opts.seed, cascade=opts.cascade,
+    plan = audit_plan(opts.attacks, eps=eps, batch_size=opts.batch_size, seed=opts.seed, cascade=bool(opts.cascade),
                       pgd_alpha=alpha, spsa_iterations=opts.spsa_iterations)
     fingerprint = audit_fingerprint(
         model=model, desc=desc, dataset=spec.name, x=x, y=y, indices=idx, eps=eps, pgd_alpha=alpha,
-        attacks=opts.attacks, cascade=opts.cascade, seed=opts.seed, spsa_iterations=opts.spsa_iterations,
+        attacks=opts.attacks, cascade=bool(opts.cascade), seed=opts.seed, spsa_iterations=opts.spsa_iterations,
         batch_size=opts.batch_size, device=device)
     store = AuditState if resumable else MemoryAuditState
     state = store.open(out, fingerprint, shard=shard, restart=restart,  # refuses other settings

@@ -57,8 +57,8 @@ def _reusable(suite: SuiteResult | None, x: torch.Tensor, y: torch.Tensor, eps: 
     if suite is None:
         return []
     if suite.cascade:
-        log.warning("masking check: the given suite is a cascade (per-attack results cover only the "
-                    "points earlier attacks left): running its own attacks")
+        log.info("masking check: the suite is a cascade (per-attack results cover only the points "
+                 "earlier attacks left): running its own attacks")
         return []
     if suite.n != len(x) or not torch.equal(suite.labels.cpu(), y.cpu().long()):
         log.warning("masking check: the given suite was run on other points: running its own attacks")
