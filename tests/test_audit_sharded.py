@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow  # torchrun
 REPO = Path(__file__).resolve().parents[1]
 # 40 points in 5 chunks of 8: rank 0 attacks chunks 0, 2, 4, rank 1 chunks 1, 3. Under torchrun
 # --n and --h must be spelled --n-points and --fd-step (torchrun's parser takes --n and --h).
-# The default attacks (AutoAttack's units across ranks: tests/test_autoattack.py).
+# The former default attacks, every one on every point (AutoAttack's units across ranks:
+# tests/test_autoattack.py; the default cascade, in memory and through the store: test_audit_paths).
 ARGS = ["--n-points", "40", "--batch-size", "8", "--spsa-iterations", "20", "--seed", "2",
+        "--attacks", "fgsm,pgd7,pgd20,pgd40,pgd100,apgd-ce,apgd-dlr,deepfool_linf,deepfool_l2,spsa",
         "--eps-sweep", "0,16", "--no-progress"]
 
 
