@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,60 @@ def compute_features(
             among the candidates that is classified correctly and moved by the adversarial ``δ``.
         UsageError: an unknown layer name (the message lists the valid ones), bad arguments.
     """
+    _check_arguments(eps=eps, n_points=n_points)
+    dev = check_device(model, device)
+    names = resolve_layers(model, layers)
+    pts = _candidates(model, x, y, dev=dev, eps=eps, n_points=n_points, x_adv=x_adv, source=adversarial_source,
+                      pgd_alpha=pgd_alpha, batch_size=batch_size, seed=seed, progress=progress)
+    meas = _measure(model, pts, names, dev=dev, eps=eps, label=label, batch_size=batch_size, seed=seed,
+                    progress=progress, jacobian=(jacobian_points, jacobian_k, jacobian_iterations))
+    conf = confidence_summary(pts.logits, labels=y.detach().cpu(), margin_threshold=margin_threshold)
+    return _result(pts, meas, names, eps=eps, label=label, confidence=conf,
+                   min_perturbation=_min_perturbation(min_norms, min_norm_source),
+                   settings={"jacobian_k": jacobian_k, "jacobian_iterations": jacobian_iterations,
+                             "margin_threshold": margin_threshold, "seed": seed, "device": str(dev)})
+
+
+def _check_arguments(*, eps: float, n_points: int) -> None:
     if not 0 < eps <= 1:
         raise UsageError(f"eps must be in (0, 1] ([0, 1] pixel units), got {eps}")
     if n_points < 1:
         raise UsageError(f"n_points must be at least 1, got {n_points}")
-    dev = check_device(model, device)
-    names = resolve_layers(model, layers)
+
+
+@dataclass
+class _Points:
+    """The sensitivity's points: the first ``m`` of ``x`` (``xs``), the kept positions ``keep``
+    (clean-correct and moved), their random and adversarial ``deltas``, the clean ``logits`` of
+    all of ``x``, where the adversarial δ came from, the clock's start and the attack's seconds."""
+
+    m: int
+    xs: torch.Tensor
+    keep: torch.Tensor
+    deltas: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    source: str | None
+    t0: float
+    t_attack: float
+
+
+def _candidates(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    dev: torch.device,
+    eps: float,
+    n_points: int,
+    x_adv: torch.Tensor | None,
+    source: str | None,
+    pgd_alpha: float,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> _Points:
+    """Clean logits, the adversarial points (PGD(20) here when ``x_adv`` is ``None``), and the
+    candidates that are classified correctly and moved by the adversarial δ."""
     t0 = time.perf_counter()
     m = min(int(n_points), len(x))
     xs, ys = x[:m].detach().cpu(), y[:m].detach().cpu()
@@ -116,7 +165,7 @@ def compute_features(
     if x_adv is None:
         adv = run_attack("pgd20", model, xs, ys, eps=eps, device=dev, batch_size=batch_size, seed=seed,
                          pgd_alpha=pgd_alpha, progress=progress)
-        x_adv, adversarial_source = adv.x_adv, adversarial_source or f"PGD(20) run here (step {pgd_alpha:.4g}, seed {seed})"
+        x_adv, source = adv.x_adv, source or f"PGD(20) run here (step {pgd_alpha:.4g}, seed {seed})"
     if x_adv.shape != xs.shape:
         raise UsageError(f"x_adv has shape {tuple(x_adv.shape)}, expected {tuple(xs.shape)} (the first n_points)")
     t_attack = time.perf_counter() - t0
@@ -127,58 +176,117 @@ def compute_features(
     if len(keep) == 0:
         raise NotApplicable(f"none of the first {m} points is classified correctly and moved by the attack: "
                             "no adversarial δ to measure")
-    xk = xs[keep]
-    deltas = {"random": random_sign_delta(xk, eps=eps, seed=seed), "adversarial": adv_delta[keep]}
+    deltas = {"random": random_sign_delta(xs[keep], eps=eps, seed=seed), "adversarial": adv_delta[keep]}
+    return _Points(m=m, xs=xs, keep=keep, deltas=deltas, logits=logits, source=source, t0=t0, t_attack=t_attack)
+
+
+@dataclass
+class _Measures:
+    """Per-layer ratios (per δ kind), Jacobian σ (per layer), the Jacobian's point count and the
+    seconds of the sensitivity and the Jacobian."""
+
+    ratios: dict[str, dict[str, torch.Tensor]]
+    sigmas: dict[str, torch.Tensor]
+    n_jac: int
+    t_sens: float
+    t_jac: float
+
+
+def _measure(
+    model: nn.Module,
+    pts: _Points,
+    names: list[str],
+    *,
+    dev: torch.device,
+    eps: float,
+    label: str,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    jacobian: tuple[int, int, int],
+) -> _Measures:
+    """The layer sensitivity of every δ and the Jacobian's top singular values
+    (``jacobian`` = points, k, power iterations) on the kept points."""
+    jacobian_points, jacobian_k, jacobian_iterations = jacobian
+    xk = pts.xs[pts.keep]
     log.info("feature sensitivity of %s: %d layers on %d points (of the first %d), ε = %.4g", label, len(names),
-             len(keep), m, eps)
-    ratios = layer_sensitivity(model, xk, deltas, layers=names, device=dev, batch_size=batch_size, progress=progress)
-    t_sens = time.perf_counter() - t0 - t_attack
-    n_jac = min(int(jacobian_points), len(keep))
+             len(pts.keep), pts.m, eps)
+    ratios = layer_sensitivity(model, xk, pts.deltas, layers=names, device=dev, batch_size=batch_size,
+                               progress=progress)
+    t_sens = time.perf_counter() - pts.t0 - pts.t_attack
+    n_jac = min(int(jacobian_points), len(pts.keep))
     sigmas = jacobian_singular_values(model, xk[:n_jac], layers=names, device=dev, k=jacobian_k,
                                       iterations=jacobian_iterations, seed=seed, progress=progress) if n_jac else {}
-    t_jac = time.perf_counter() - t0 - t_attack - t_sens
+    t_jac = time.perf_counter() - pts.t0 - pts.t_attack - t_sens
+    return _Measures(ratios=ratios, sigmas=sigmas, n_jac=n_jac, t_sens=t_sens, t_jac=t_jac)
+
+
+def _sensitivity_entries(meas: _Measures, names: Sequence[str]) -> dict[str, Any]:
+    """Per layer: the random / adversarial / anisotropy distributions and the Jacobian's σ."""
     sens: dict[str, Any] = {}
     for lay in names:
-        r, a = ratios["random"][lay], ratios["adversarial"][lay]
+        r, a = meas.ratios["random"][lay], meas.ratios["adversarial"][lay]
         aniso = a / r
         entry: dict[str, Any] = {"random": distribution(r), "adversarial": distribution(a),
                                  "anisotropy": distribution(aniso)}
         med_r, med_a = entry["random"]["median"], entry["adversarial"]["median"]
         entry["anisotropy_of_medians"] = med_a / med_r if med_r else None
-        if lay in sigmas:
-            entry["jacobian_sigma"] = sigmas[lay].mean(0).tolist()
-            entry["jacobian_sigma_per_point"] = sigmas[lay].tolist()
+        if lay in meas.sigmas:
+            entry["jacobian_sigma"] = meas.sigmas[lay].mean(0).tolist()
+            entry["jacobian_sigma_per_point"] = meas.sigmas[lay].tolist()
         sens[lay] = entry
-    conf = confidence_summary(logits, labels=y.detach().cpu(), margin_threshold=margin_threshold)
-    mp: dict[str, Any] = {"source": min_norm_source, "norm": "l2, [0, 1] pixel units"}
+    return sens
+
+
+def _min_perturbation(min_norms: torch.Tensor | None, source: str | None) -> dict[str, Any]:
+    """DeepFool's minimal ℓ2 perturbations summarised, or marked missing."""
+    mp: dict[str, Any] = {"source": source, "norm": "l2, [0, 1] pixel units"}
     if min_norms is None:
         mp["status"] = "missing"
         mp["reason"] = "no DeepFool ℓ2 minimal perturbations given (run the audit with deepfool_l2 in --attacks)"
     else:
         mp.update(distribution(min_norms))
         mp["failed"] = int(torch.isinf(torch.as_tensor(min_norms)).sum())
+    return mp
+
+
+def _result(
+    pts: _Points,
+    meas: _Measures,
+    names: list[str],
+    *,
+    eps: float,
+    label: str,
+    confidence: dict[str, Any],
+    min_perturbation: dict[str, Any],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON-ready result of :func:`compute_features`."""
+    sens = _sensitivity_entries(meas, names)
     return {
         "label": label,
         "layers": names,
-        "n_candidates": m,
-        "n_points": len(keep),
-        "indices": keep.tolist(),
+        "n_candidates": pts.m,
+        "n_points": len(pts.keep),
+        "indices": pts.keep.tolist(),
         "eps": eps,
         "units": UNITS,
         "random_delta": RANDOM_DELTA,
-        "adversarial_delta": adversarial_source or "given x_adv",
+        "adversarial_delta": pts.source or "given x_adv",
         "sensitivity": sens,
-        "delta_l2": {k: distribution(d.flatten(1).double().norm(dim=1)) for k, d in deltas.items()},
-        "per_point": {k: {lay: v.tolist() for lay, v in per.items()} for k, per in ratios.items()},
-        "confidence": conf,
-        "min_perturbation": mp,
-        "seconds": {"clean_and_attack": t_attack, "sensitivity": t_sens, "jacobian": t_jac,
-                    "total": time.perf_counter() - t0},
-        "config": {"jacobian_points": n_jac, "jacobian_k": jacobian_k, "jacobian_iterations": jacobian_iterations,
+        "delta_l2": {k: distribution(d.flatten(1).double().norm(dim=1)) for k, d in pts.deltas.items()},
+        "per_point": {k: {lay: v.tolist() for lay, v in per.items()} for k, per in meas.ratios.items()},
+        "confidence": confidence,
+        "min_perturbation": min_perturbation,
+        "seconds": {"clean_and_attack": pts.t_attack, "sensitivity": meas.t_sens, "jacobian": meas.t_jac,
+                    "total": time.perf_counter() - pts.t0},
+        "config": {"jacobian_points": meas.n_jac, "jacobian_k": settings["jacobian_k"],
+                   "jacobian_iterations": settings["jacobian_iterations"],
                    "jacobian_method": "subspace iteration on JᵀJ (double-backward Jv, backward Jᵀu), "
                                       "Rayleigh-Ritz; σ in feature ℓ2 per input ℓ2",
                    "anisotropy": "per point: adversarial ratio / random ratio (same point, same layer)",
-                   "margin_threshold": margin_threshold, "seed": seed, "device": str(dev),
+                   "margin_threshold": settings["margin_threshold"], "seed": settings["seed"],
+                   "device": settings["device"],
                    "points": "the first n_candidates audited points, kept where clean-correct and moved by "
                              "the adversarial δ"},
     }

@@ -26,7 +26,7 @@ from ..data import select_points
 from ..errors import UsageError
 from ._util import check_batch, check_device, eval_mode, to_jsonable
 from .bounds import theorem1_points
-from .deepfool import deepfool_l2
+from .deepfool import MinimalPerturbation, deepfool_l2
 from .hessian import Scheme
 from .landscape import LossPlane, loss_plane
 from .plots import plot_curvature_profile, plot_plane, plot_theorem1, plot_weight_curves
@@ -101,9 +101,6 @@ def compute_geometry(
     xs, ys = x[idx].to(dev), y[idx].to(dev)
     require_input_gradients(model, xs)
     t_start = time.perf_counter()
-    # WCI and the weight-loss curves measure conv/linear weights: not applicable without them
-    no_weights = None if conv_linear_weights(model) else "the model has no conv/linear weights to measure"
-    not_applicable: dict[str, str] = {}
     with eval_mode(model):
         with torch.no_grad():
             clean_correct = (model(xs).argmax(1) == ys).cpu()
@@ -116,37 +113,134 @@ def compute_geometry(
         df = deepfool_l2(model, xs, ys, device=dev)
         th = theorem1_points(model, xs, ys, nu=prof.lambda_max, u=prof.top_vectors, device=dev,
                              chunk_size=chunk_size)
-        wci: dict[str, Any] = {"wci": None, "layers": [], "adv_accuracy": None, "adv_loss": None}
-        curves: dict[str, Any] = {}
-        if no_weights is None:
-            x_adv = pgd_points(model, xs, ys, eps=eps, device=dev, steps=pgd_steps, seed=seed)
-            wci = weight_curvature_index(model, xs, ys, eps=eps, device=dev, n_probes=hutchinson_probes,
-                                         seed=seed, chunk_size=chunk_size, x_adv=x_adv, progress=progress)
-            curves["clean"] = weight_loss_curve(model, xs, ys, device=dev, alphas=weight_alphas, seed=seed)
-            if adversarial_weight_curve and eps > 0:
-                curves[f"PGD-{pgd_steps} ε={eps:.4g}"] = weight_loss_curve(
-                    model, xs, ys, device=dev, alphas=weight_alphas, seed=seed, adversarial_eps=eps,
-                    pgd_steps=pgd_steps)
-        else:
-            not_applicable = {"wci": no_weights, "weight_curves": no_weights}
-            log.warning("geometry: WCI and weight-loss curves not applicable: %s", no_weights)
-        planes = []
-        for j in tqdm(range(min(landscape_points, n_use)), desc="loss planes", disable=not progress,
-                      leave=False):
-            r = df.delta[j] if bool(df.success[j]) and bool(df.clean_correct[j]) and float(df.norm[j]) > 0 else None
-            if r is None:
-                plane = loss_plane(model, xs[j], ys[j], device=dev, steps=landscape_steps,
-                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
-            else:
-                plane = loss_plane(model, xs[j], ys[j], device=dev, r=r, steps=landscape_steps,
-                                   seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
-            planes.append(plane)
+        wci, curves, not_applicable = _weight_flatness(
+            model, xs, ys, dev=dev, eps=eps, pgd_steps=pgd_steps, hutchinson_probes=hutchinson_probes,
+            weight_alphas=weight_alphas, adversarial_weight_curve=adversarial_weight_curve, seed=seed,
+            chunk_size=chunk_size, progress=progress)
+        planes = _loss_planes(model, xs, ys, df, idx, dev=dev, landscape_points=landscape_points,
+                              landscape_steps=landscape_steps, seed=seed, chunk_size=chunk_size, progress=progress)
     measured = df.norm.double().numpy()
+    config = {
+        "h": h, "h_units": "l2 length of the finite-difference step in [0,1] pixel space",
+        "scheme": scheme, "k": k, "eps": eps, "n_gaussian": n_gaussian,
+        "hutchinson_probes": hutchinson_probes, "pgd_steps": pgd_steps, "seed": seed,
+        "device": str(dev), "dtype": str(xs.dtype), "dim": prof.dim,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "wci_formula": "sum_k ||W_k||_F * sqrt(max(0, Hutchinson Tr d2 L_adv / dW_k^2)), "
+                       "conv/linear weights, L_adv = mean CE at PGD points",
+        "theorem1_reading": "l = CE of the true class, t = log 2 (p_y > 1/2: sufficient for correct)",
+    }
+    result = _result(label=label, idx=idx, clean_correct=clean_correct, prof=prof, summ=summ, th=th, df=df,
+                     measured=measured, wci=wci, curves=curves, planes=planes, t_start=t_start, config=config)
+    if not_applicable:
+        result["not_applicable"] = not_applicable
+    return Geometry(result=result, profile=prof, theorem1=(th["lower"], th["upper"], measured),
+                    weight_curves=curves, planes=planes)
+
+
+def _weight_flatness(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    dev: torch.device,
+    eps: float,
+    pgd_steps: int,
+    hutchinson_probes: int,
+    weight_alphas: Sequence[float] | np.ndarray,
+    adversarial_weight_curve: bool,
+    seed: int,
+    chunk_size: int,
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """WCI and the weight-loss curves (clean, and at PGD points) of the conv/linear weights; both
+    not applicable (the third value says why) for a model without them."""
+    no_weights = None if conv_linear_weights(model) else "the model has no conv/linear weights to measure"
+    wci: dict[str, Any] = {"wci": None, "layers": [], "adv_accuracy": None, "adv_loss": None}
+    curves: dict[str, Any] = {}
+    if no_weights is not None:
+        log.warning("geometry: WCI and weight-loss curves not applicable: %s", no_weights)
+        return wci, curves, {"wci": no_weights, "weight_curves": no_weights}
+    x_adv = pgd_points(model, xs, ys, eps=eps, device=dev, steps=pgd_steps, seed=seed)
+    wci = weight_curvature_index(model, xs, ys, eps=eps, device=dev, n_probes=hutchinson_probes,
+                                 seed=seed, chunk_size=chunk_size, x_adv=x_adv, progress=progress)
+    curves["clean"] = weight_loss_curve(model, xs, ys, device=dev, alphas=weight_alphas, seed=seed)
+    if adversarial_weight_curve and eps > 0:
+        curves[f"PGD-{pgd_steps} ε={eps:.4g}"] = weight_loss_curve(
+            model, xs, ys, device=dev, alphas=weight_alphas, seed=seed, adversarial_eps=eps,
+            pgd_steps=pgd_steps)
+    return wci, curves, {}
+
+
+def _loss_planes(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    df: MinimalPerturbation,
+    idx: torch.Tensor,
+    *,
+    dev: torch.device,
+    landscape_points: int,
+    landscape_steps: int,
+    seed: int,
+    chunk_size: int,
+    progress: bool,
+) -> list[LossPlane]:
+    """Loss planes at the first ``landscape_points`` points: along DeepFool's ``r*`` where it
+    succeeded on a clean-correct point, else along two random directions."""
+    planes = []
+    for j in tqdm(range(min(landscape_points, len(xs))), desc="loss planes", disable=not progress,
+                  leave=False):
+        r = df.delta[j] if bool(df.success[j]) and bool(df.clean_correct[j]) and float(df.norm[j]) > 0 else None
+        if r is None:
+            plane = loss_plane(model, xs[j], ys[j], device=dev, steps=landscape_steps,
+                               seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
+        else:
+            plane = loss_plane(model, xs[j], ys[j], device=dev, r=r, steps=landscape_steps,
+                               seed=seed + j, chunk_size=chunk_size * 2, index=int(idx[j]))
+        planes.append(plane)
+    return planes
+
+
+def _theorem1_result(th: dict[str, Any], df: MinimalPerturbation, measured: np.ndarray) -> dict[str, Any]:
+    """Theorem 1's bounds per point next to DeepFool's measured ‖r*‖, and how often they hold."""
     lower, upper = th["lower"], th["upper"]
     fin = np.isfinite(lower) & np.isfinite(upper) & np.isfinite(measured) & (th["c"] > 0)
-    n = n_use
+    return {
+        "t": th["t"],
+        "lower": lower.tolist(), "upper": upper.tolist(), "measured": measured.tolist(),
+        "linear": th["linear"].tolist(), "case": th["case"].tolist(),
+        "loss": th["loss"].tolist(), "c": th["c"].tolist(), "nu": th["nu"].tolist(),
+        "grad_norm": th["grad_norm"].tolist(), "grad_dot_u": th["grad_dot_u"].tolist(),
+        "deepfool_success": df.success.tolist(), "clean_correct": df.clean_correct.tolist(),
+        "n_compared": int(fin.sum()),
+        "fraction_measured_ge_lower": float(np.mean(measured[fin] >= lower[fin])) if fin.any() else None,
+        "fraction_measured_le_upper": float(np.mean(measured[fin] <= upper[fin])) if fin.any() else None,
+        "median_lower_over_measured": float(np.median(lower[fin] / measured[fin])) if fin.any() else None,
+        "median_upper_over_measured": float(np.median(upper[fin] / measured[fin])) if fin.any() else None,
+    }
+
+
+def _result(
+    *,
+    label: str,
+    idx: torch.Tensor,
+    clean_correct: torch.Tensor,
+    prof: CurvatureProfile,
+    summ: dict[str, Any],
+    th: dict[str, Any],
+    df: MinimalPerturbation,
+    measured: np.ndarray,
+    wci: dict[str, Any],
+    curves: dict[str, Any],
+    planes: list[LossPlane],
+    t_start: float,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON-ready result of :func:`compute_geometry`."""
+    n = len(idx)
     hvps_profile = prof.hvps
-    result: dict[str, Any] = {
+    return {
         "label": label,
         "n_points": n,
         "indices": idx.tolist(),
@@ -166,19 +260,7 @@ def compute_geometry(
         "wci_layers": wci["layers"],
         "adv_accuracy": wci["adv_accuracy"],
         "adv_loss": wci["adv_loss"],
-        "theorem1": {
-            "t": th["t"],
-            "lower": lower.tolist(), "upper": upper.tolist(), "measured": measured.tolist(),
-            "linear": th["linear"].tolist(), "case": th["case"].tolist(),
-            "loss": th["loss"].tolist(), "c": th["c"].tolist(), "nu": th["nu"].tolist(),
-            "grad_norm": th["grad_norm"].tolist(), "grad_dot_u": th["grad_dot_u"].tolist(),
-            "deepfool_success": df.success.tolist(), "clean_correct": df.clean_correct.tolist(),
-            "n_compared": int(fin.sum()),
-            "fraction_measured_ge_lower": float(np.mean(measured[fin] >= lower[fin])) if fin.any() else None,
-            "fraction_measured_le_upper": float(np.mean(measured[fin] <= upper[fin])) if fin.any() else None,
-            "median_lower_over_measured": float(np.median(lower[fin] / measured[fin])) if fin.any() else None,
-            "median_upper_over_measured": float(np.median(upper[fin] / measured[fin])) if fin.any() else None,
-        },
+        "theorem1": _theorem1_result(th, df, measured),
         "weight_curves": curves,
         "planes": [p.to_dict() for p in planes],
         "profile": prof.to_dict(per_point=True),
@@ -186,21 +268,8 @@ def compute_geometry(
         "hvps_per_point": hvps_profile / n,
         "seconds_per_point": prof.seconds / n,
         "seconds_total": time.perf_counter() - t_start,
-        "config": {
-            "h": h, "h_units": "l2 length of the finite-difference step in [0,1] pixel space",
-            "scheme": scheme, "k": k, "eps": eps, "n_gaussian": n_gaussian,
-            "hutchinson_probes": hutchinson_probes, "pgd_steps": pgd_steps, "seed": seed,
-            "device": str(dev), "dtype": str(xs.dtype), "dim": prof.dim,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "wci_formula": "sum_k ||W_k||_F * sqrt(max(0, Hutchinson Tr d2 L_adv / dW_k^2)), "
-                           "conv/linear weights, L_adv = mean CE at PGD points",
-            "theorem1_reading": "l = CE of the true class, t = log 2 (p_y > 1/2: sufficient for correct)",
-        },
+        "config": config,
     }
-    if not_applicable:
-        result["not_applicable"] = not_applicable
-    return Geometry(result=result, profile=prof, theorem1=(lower, upper, measured), weight_curves=curves,
-                    planes=planes)
 
 
 def write_geometry(

@@ -70,6 +70,39 @@ def _rademacher(shapes: Sequence[torch.Size], seed: int, probe: int, device: tor
             .to(device=device, dtype=dtype) for s in shapes]
 
 
+def _add_chunk(
+    samples: torch.Tensor,
+    model: nn.Module,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    tensors: list[nn.Parameter],
+    *,
+    n: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    seed: int,
+    dev: torch.device,
+    bar: Any,
+) -> None:
+    """Add one chunk's share of ``zᵀ ∇²L z`` for every probe ``j`` (row ``j`` of ``samples``) and
+    weight tensor (column), by double backward; probes are regenerated from ``(seed, j)``."""
+    shapes = [p.shape for p in tensors]
+    with torch.enable_grad():
+        loss = loss_fn(model(xb), yb).sum() / n
+        grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        for j in range(len(samples)):
+            z = _rademacher(shapes, seed, j, dev, tensors[0].dtype)
+            if live:
+                hz = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
+                                         grad_outputs=[z[i] for i in live],
+                                         retain_graph=True, allow_unused=True)
+                for i, hzi in zip(live, hz, strict=True):
+                    if hzi is not None:
+                        samples[j, i] += float((z[i] * hzi).sum())
+            bar.update(1)
+    del grads, loss
+
+
 def hutchinson_trace(
     model: nn.Module,
     x: torch.Tensor,
@@ -110,7 +143,6 @@ def hutchinson_trace(
         raise NotApplicable("the model has no conv/linear weights to measure")
     names = [n for n, _ in plist]
     tensors = [p for _, p in plist]
-    shapes = [p.shape for p in tensors]
     loss_fn = loss_fn or (lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
     n = len(x)
     x, y = x.to(dev), y.to(dev)
@@ -121,22 +153,8 @@ def hutchinson_trace(
         bar = tqdm(total=len(chunks) * n_probes, desc="hutchinson", disable=not progress, leave=False)
         try:
             for s in chunks:
-                xb, yb = x[s:s + chunk_size], y[s:s + chunk_size]
-                with torch.enable_grad():
-                    loss = loss_fn(model(xb), yb).sum() / n
-                    grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
-                    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                    for j in range(n_probes):
-                        z = _rademacher(shapes, seed, j, dev, tensors[0].dtype)
-                        if live:
-                            hz = torch.autograd.grad([grads[i] for i in live], [tensors[i] for i in live],
-                                                     grad_outputs=[z[i] for i in live],
-                                                     retain_graph=True, allow_unused=True)
-                            for i, hzi in zip(live, hz, strict=True):
-                                if hzi is not None:
-                                    samples[j, i] += float((z[i] * hzi).sum())
-                        bar.update(1)
-                del grads, loss
+                _add_chunk(samples, model, x[s:s + chunk_size], y[s:s + chunk_size], tensors, n=n,
+                           loss_fn=loss_fn, seed=seed, dev=dev, bar=bar)
         finally:
             bar.close()
     mean = samples.mean(dim=0)
