@@ -68,6 +68,12 @@ def test_wheel_holds_every_package_of_the_checkout(wheel_env: tuple[Path, dict[s
     for init in ROOT.joinpath("plugins").rglob("__init__.py"):
         rel = "cure_eval_plugins/" + init.relative_to(ROOT / "plugins").as_posix()
         assert rel in names, f"{rel} is missing from the wheel"
+    # plugins/ ships under its unique import name, with its entry points
+    assert "cure_eval_plugins/methods/cure.py" in names and "cure_eval_plugins/models/wide_resnet.py" in names
+    assert not any(n.startswith("plugins/") for n in names)  # no generic top-level `plugins`
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "cure = cure_eval_plugins.methods.cure:CureMethod" in entry_points
+    assert "[cure_eval.models]" in entry_points
     # The import resolves to the installed copy, not to this checkout.
     where = _run([str(py), "-c", "import cure_eval, cure_eval.features, cure_eval_plugins.methods.cure as c; "
                   "print(cure_eval.__file__); print(c.__file__)"], cwd=work, env=env).stdout.split()
