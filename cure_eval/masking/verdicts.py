@@ -32,6 +32,23 @@ from .findings import (
 )
 
 
+def _versus_pgd(pgd_margin: torch.Tensor, other_margin: torch.Tensor, clean_margin: torch.Tensor,
+                attacked: torch.Tensor, tolerance: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float, float, float]:
+    """The per-point rule both gradient-free comparisons share: over the attacked points, where the
+    other attack fools and PGD(100) does not (``beats``), where its loss lies below PGD's by more
+    than ``tolerance`` × the clean margin (``stronger``, scale-free), their shares and both robust
+    accuracies. Returns ``(attacked, pgd_fooled, beats, stronger, value, beats_frac, pgd_acc,
+    other_acc)``."""
+    att = attacked.bool()
+    pgd_fooled = pgd_margin < 0
+    other_fooled = other_margin < 0
+    beats = att & other_fooled & ~pgd_fooled
+    stronger = att & (other_margin < pgd_margin - tolerance * clean_margin.abs())
+    return (att, pgd_fooled, beats, stronger, frac(stronger, att), frac(beats, att),
+            frac(~pgd_fooled, att), frac(~other_fooled, att))
+
+
 def check_spsa_vs_pgd(
     *,
     pgd_margin: torch.Tensor,
@@ -64,18 +81,11 @@ def check_spsa_vs_pgd(
     correlation does not separate at all (honest 0.87-0.96, masked 0.74-0.90), since SPSA
     stops at the first misclassified iterate while PGD keeps pushing the loss down.
     """
-    att = attacked.bool()
-    pgd_fooled = pgd_margin < 0
-    spsa_fooled = spsa_margin < 0
-    beats = att & spsa_fooled & ~pgd_fooled
-    stronger = att & (spsa_margin < pgd_margin - tolerance * clean_margin.abs())
-    value = frac(stronger, att)
-    beats_frac = frac(beats, att)
+    att, pgd_fooled, beats, stronger, value, beats_frac, pgd_acc, spsa_acc = _versus_pgd(
+        pgd_margin, spsa_margin, clean_margin, attacked, tolerance)
     rho_all = _spearman(pgd_margin[att], spsa_margin[att])
     both = att & ~pgd_fooled
     rho_robust = _spearman(pgd_margin[both], spsa_margin[both])
-    pgd_acc = frac(~pgd_fooled, att)
-    spsa_acc = frac(~spsa_fooled, att)
     details = {"spsa_stronger": int(stronger.sum()), "spsa_beats_pgd": int(beats.sum()),
                "spsa_beats_pgd_fraction": beats_frac, "attacked": int(att.sum()),
                "spearman": rho_all, "spearman_pgd_robust": rho_robust,
@@ -89,6 +99,7 @@ def check_spsa_vs_pgd(
                 "WARN": ": a few points where PGD overstates robustness, as on honest models",
                 "PASS": ": both attacks agree (CURE Fig. 7)"}[status]
     return Finding("spsa_vs_pgd", status, value, threshold, message, details)
+
 
 def check_square_vs_pgd(
     *,
@@ -109,14 +120,8 @@ def check_square_vs_pgd(
     the verdict stays the SPSA check's): WARN when ``value > threshold`` with at least
     :data:`MIN_POINTS` such points, or when Square fools a point PGD(100) did not; else PASS.
     """
-    att = attacked.bool()
-    pgd_fooled = pgd_margin < 0
-    sq_fooled = square_margin < 0
-    beats = att & sq_fooled & ~pgd_fooled
-    stronger = att & (square_margin < pgd_margin - tolerance * clean_margin.abs())
-    value = frac(stronger, att)
-    beats_frac = frac(beats, att)
-    pgd_acc, sq_acc = frac(~pgd_fooled, att), frac(~sq_fooled, att)
+    att, _, beats, stronger, value, beats_frac, pgd_acc, sq_acc = _versus_pgd(
+        pgd_margin, square_margin, clean_margin, attacked, tolerance)
     details = {"square_stronger": int(stronger.sum()), "square_beats_pgd": int(beats.sum()),
                "square_beats_pgd_fraction": beats_frac, "attacked": int(att.sum()),
                "pgd100_robust_accuracy": pgd_acc, "square_robust_accuracy": sq_acc, "tolerance": tolerance}
