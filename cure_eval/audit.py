@@ -24,15 +24,12 @@ points and their data hash, ε, attacks, cascade, seed, PGD step, SPSA iteration
 versions); a state made with other settings is refused (exit 1: use a new ``--out`` or ``--restart``, which discards
 it). A rerun of a finished audit rewrites its outputs from the state.
 
-Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank ``k mod N`` (gloo process
-group; with CUDA each rank takes GPU ``LOCAL_RANK``). Rank 0 gathers and merges the per-sample records, runs the
-optional sections and alone writes the outputs. A unit's result depends only on the settings and its chunk: FGSM and
-DeepFool are deterministic, SPSA seeds each point from ``(seed, dataset index)``, and PGD's random start of chunk
-``k`` is drawn like ``torchattacks.PGD`` after ``torch.manual_seed(seed + 1000003·k)`` (chunk 0: ``seed``, so up to
-``--batch-size`` points the audit equals ``torchattacks.PGD`` after ``torch.manual_seed(seed)`` exactly). Sharded,
-resumed and single-process audits give the same ``per_sample.csv`` and ``results.json`` (timings aside). Seconds are
-summed over units (over ranks and resumed runs). Under torchrun spell ``--n`` and ``--h`` as ``--n-points`` and
-``--fd-step``: torchrun's own parser reads ``--n`` and ``--h`` as abbreviations of its options. Details:
+Sharding: ``torchrun --nproc_per_node=N -m cure_eval.audit ...`` gives chunk ``k`` to rank ``k mod N`` (gloo; with
+CUDA each rank takes GPU ``LOCAL_RANK``); rank 0 merges the per-sample records, runs the optional sections and alone
+writes the outputs. A unit's result depends only on the settings and its chunk (PGD's random start of chunk ``k``
+after ``torch.manual_seed(seed + 1000003·k)``, chunk 0: ``seed``; SPSA seeds each point from ``(seed, index)``), so
+sharded, resumed and single-process audits give the same ``per_sample.csv`` and ``results.json`` (timings aside).
+Under torchrun spell ``--n`` and ``--h`` as ``--n-points`` and ``--fd-step`` (torchrun reads them as its own). Details:
 :mod:`cure_eval.auditing`.
 """
 
@@ -79,8 +76,8 @@ RUNS_DIR = "runs"  #: where defend writes its run folders and audits go by defau
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="python -m cure_eval.audit",
-        description="Attack a model with the full suite (FGSM, PGD(7/20/40/100), DeepFool, SPSA) and "
-        "write per-sample records, a summary and a table.",
+        description="Attack a model with the attack suite (default: FGSM, PGD(20), APGD-CE, APGD-T, Square as a "
+        "cascade) and write per-sample records, a summary and a table.",
     )
     m = p.add_argument_group("model (one of --checkpoint / --model; neither: the latest defend run under runs/)")
     m.add_argument("--checkpoint", action="append", default=None,
@@ -118,6 +115,8 @@ def build_parser() -> ArgumentParser:
     k = p.add_argument_group("checks")
     k.add_argument("--masking-check", action="store_true", help="gradient-masking checks and verdict")
     k.add_argument("--masking-n", type=int, default=None, help="points for the masking check, a seeded subset of the audited ones (default: all)")
+    k.add_argument("--masking-spsa-n", default="auto", metavar="N|auto|all", help="masking-check points SPSA and "
+                   "Square attack, a seeded subset (default auto: one in 16, at least 10)")
     k.add_argument("--fail-on-masking", action="store_true", help="exit 3 when masking is suspected")
     k.add_argument("--geometry", action="store_true", help="curvature profile, Hz, Theorem 1, landscapes, WCI")
     k.add_argument("--geometry-n", type=int, default=20, help="points for the geometry measurements (default: 20)")
@@ -182,6 +181,7 @@ def _audit_all(args: Any, attacks: list[str], sweep: list[float], shard: Shard) 
         alpha=None if args.alpha is None else eps_from_255(args.alpha, "--alpha"),
         n=args.n, attacks=attacks, spsa_iterations=args.spsa_iterations, cascade=args.cascade,
         eps_sweep=[v / 255 for v in sweep], masking_check=args.masking_check, masking_n=args.masking_n,
+        masking_spsa_n=int(args.masking_spsa_n) if args.masking_spsa_n.isdigit() else args.masking_spsa_n,
         geometry=args.geometry, geometry_n=args.geometry_n, h=args.h, top_k=args.top_k, features=args.features,
         features_n=args.features_n, features_layers=comma_list(args.features_layers) or None,
         batch_size=args.batch_size, seed=args.seed, data_dir=args.data_dir, download=args.download, save_adversarials=args.save_adversarials,

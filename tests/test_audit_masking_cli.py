@@ -59,3 +59,41 @@ def test_masking_verdict_and_exit_code(tmp_path: Path, factory: Path, name: str,
     else:
         assert not failed
     assert (out / "masking_scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_default_suite_masking_passes_are_counted_into_the_audit_total(tmp_path: Path, factory: Path,
+                                                                        digits_test: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """With the default cascade the check runs its own attacks (SPSA and Square on the seeded
+    subset): every pass it spends is in ``masking.passes``, equal to a separate count of the same
+    check, and ``total_passes`` is the suite's plus the stage's."""
+    from cure_eval.attacks.passes import count_passes
+    from cure_eval.data import get_dataset_spec, select_points
+    from cure_eval.masking import run_masking_check
+    from cure_eval.models import load_factory
+
+    out = tmp_path / "default"
+    rc = main(["--model", f"{factory}:normal", "--n", "40", "--spsa-iterations", "5", "--masking-check",
+               "--masking-spsa-n", "6", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    m = res["masking"]
+    names = [f["name"] for f in m["findings"]]
+    assert names[:2] == ["spsa_vs_pgd", "square_vs_pgd"]
+    assert m["settings"]["gradient_free_points"] == 6 and len(m["settings"]["gradient_free_indices"]) == 6
+    assert m["details"]["spsa_vs_pgd"]["attacked"] <= 6
+    total = res["total_passes"]
+    assert total["stages"] == {"masking": m["passes"]} and m["passes"]["forward"] > 0 and m["passes"]["backward"] > 0
+    for k in ("forward", "backward"):
+        assert total[k] == res["passes"][k] + m["passes"][k]
+    assert "audit with masking" in (out / "results.md").read_text()
+
+    # the same check on the same points, counted on its own
+    spec = get_dataset_spec("digits")
+    x, y = digits_test
+    idx = select_points(len(x), 40, 0)
+    model = load_factory(f"{factory}:normal")
+    with count_passes(model) as passes:
+        report = run_masking_check(model, x[idx], y[idx], eps=spec.default_eps / 255, device="cpu", spsa_n=6,
+                                   pgd_alpha=spec.pgd_alpha / 255, spsa_iterations=5, progress=False)
+    assert {"forward": passes.forward, "backward": passes.backward} == m["passes"]
+    assert [f.to_dict() for f in report.findings] == m["findings"]

@@ -23,7 +23,8 @@ from torch import nn
 
 import cure_eval.masking.run as masking_run
 from cure_eval.attacks import run_suite
-from cure_eval.data import get_dataset_spec
+from cure_eval.data import get_dataset_spec, select_points
+from cure_eval.errors import UsageError
 from cure_eval.masking import (
     Finding,
     MaskingReport,
@@ -31,6 +32,7 @@ from cure_eval.masking import (
     check_gradients,
     check_probability_outputs,
     check_randomised_forward,
+    gradient_free_points,
     pgd_trajectory,
     run_masking_check,
     still_improving,
@@ -44,7 +46,7 @@ N = 80
 STD = get_dataset_spec("digits").std[0]  # the digits normalisation inside the model
 SPSA_ITERS = 40
 STATUSES = {"PASS", "WARN", "FAIL"}
-ALL_CHECKS = ["spsa_vs_pgd", "fgsm_vs_pgd", "eps_monotone", "unbounded", "random_noise",
+ALL_CHECKS = ["spsa_vs_pgd", "square_vs_pgd", "fgsm_vs_pgd", "eps_monotone", "unbounded", "random_noise",
               "gradients", "randomised_forward", "probability_outputs", "pgd_convergence"]
 
 
@@ -264,23 +266,50 @@ def test_reuses_suite_and_matches_own_run(trained_digits_model: nn.Module, point
     x, y = points
     x, y = x[:50], y[:50]
     own = _check(trained_digits_model, x, y, spsa_iterations=20)
-    assert own.settings["ran"] == ["fgsm", "pgd40", "pgd100", "spsa"]
+    assert own.settings["ran"] == ["fgsm", "pgd40", "pgd100", "spsa", "square"]
     suite = run_suite(trained_digits_model, x, y, eps=EPS, device="cpu",
                       attacks=["fgsm", "pgd7", "pgd40", "pgd100", "spsa"], pgd_alpha=ALPHA,
                       spsa_iterations=20, progress=False)
+    real_run_suite = masking_run.run_suite
 
-    def no_attacks(*a: object, **k: object) -> None:
-        raise AssertionError("the masking check attacked again instead of reusing the suite")
+    def only_square(*a: object, attacks: list[str], **k: object) -> object:
+        if attacks != ["square"]:  # Square is never reused (its random squares are drawn per batch)
+            raise AssertionError(f"the masking check attacked again with {attacks} instead of reusing the suite")
+        return real_run_suite(*a, attacks=attacks, **k)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(masking_run, "run_suite", no_attacks)
+    monkeypatch.setattr(masking_run, "run_suite", only_square)
     reused = _check(trained_digits_model, x, y, spsa_iterations=20, suite=suite)
     assert reused.settings["reused_from_suite"] == ["fgsm", "pgd40", "pgd100", "spsa"]
-    assert reused.settings["ran"] == []
+    assert reused.settings["ran"] == ["square"]
     assert [f.to_dict() for f in reused.findings] == [f.to_dict() for f in own.findings]
     # a cascade suite is not reused (its per-attack results cover only some points)
     cascade = run_suite(trained_digits_model, x, y, eps=EPS, device="cpu", attacks=["fgsm"],
                         cascade=True, pgd_alpha=ALPHA, progress=False)
     assert masking_run._reusable(cascade, x, y, EPS) == []
+
+
+def test_gradient_free_subset_is_seeded_and_point_for_point_the_full_run(
+        trained_digits_model: nn.Module, points: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """SPSA and Square run on a seeded subset of the checked points; SPSA's per-point streams make
+    each subset point's result the one a run on all points gives it."""
+    assert [gradient_free_points(n) for n in (1, 10, 40, 80, 161, 360)] == [1, 10, 10, 10, 11, 23]
+    assert gradient_free_points(50, "all") == 50 and gradient_free_points(50, 7) == 7 and gradient_free_points(5, 7) == 5
+    for bad in (0, -3, "some", True):
+        with pytest.raises(UsageError, match="spsa_n"):
+            gradient_free_points(50, bad)  # type: ignore[arg-type]
+    x, y = points[0][:24], points[1][:24]
+    report = _check(trained_digits_model, x, y, spsa_iterations=4, spsa_n=6)
+    sub = torch.tensor(report.settings["gradient_free_indices"])
+    assert len(sub) == 6 and torch.equal(sub, select_points(24, 6, 0))
+    full = run_suite(trained_digits_model, x, y, eps=EPS, device="cpu", attacks=["spsa"], pgd_alpha=ALPHA,
+                     spsa_iterations=4, progress=False).attacks["spsa"]
+    on_sub = torch.isfinite(report.spsa_margin)
+    assert set(on_sub.nonzero().flatten().tolist()) <= set(sub.tolist())
+    # the same SPSA run per point (the margins agree to float32 noise: the batches differ)
+    assert torch.allclose(report.spsa_margin[on_sub], full.margin[on_sub].float(), rtol=1e-5, atol=1e-5)
+    assert report.square_margin is not None and bool(torch.isfinite(report.square_margin[sub][full.attacked[sub]]).all())
+    sq = report.finding("square_vs_pgd")
+    assert sq.details["attacked"] == int((report.clean_correct[sub]).sum()) and sq.status in ("PASS", "WARN")
 
 
 def test_report_outputs(normal_report: MaskingReport, cure_report: MaskingReport, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..attacks import DEFAULT_ATTACKS, expand_presets
 from ..data import DatasetSpec
 from ..errors import UsageError
+from ..masking.findings import gradient_free_points
 
 
 @dataclass
@@ -16,6 +17,8 @@ class AuditOptions:
     ``features_layers``: module names for ``features`` (``None``: the network's stages);
     ``attacks``: attack names or the presets ``"default"`` / ``"thorough"``
     (:data:`~cure_eval.attacks.ATTACK_PRESETS`; default :data:`~cure_eval.attacks.DEFAULT_ATTACKS`).
+    ``masking_spsa_n``: how many of the masking check's points SPSA and Square attack (a number,
+    ``"all"``, or ``"auto"``: :func:`~cure_eval.masking.findings.gradient_free_points`).
     ``cascade``: each attack only on the points still robust (``None``, the default: a cascade for
     the default suite, whose order is cheap → strong by measured strength per pass, and every
     attack on every clean-correct point for any other list, whose columns are then each attack's
@@ -30,6 +33,7 @@ class AuditOptions:
     eps_sweep: list[float] = field(default_factory=list)
     masking_check: bool = False
     masking_n: int | None = None
+    masking_spsa_n: int | str = "auto"
     geometry: bool = False
     geometry_n: int = 20
     h: float | None = None
@@ -45,6 +49,7 @@ class AuditOptions:
 
     def __post_init__(self) -> None:
         self.attacks = expand_presets(self.attacks)  # "default", "thorough": their attacks
+        gradient_free_points(1, self.masking_spsa_n, name="masking_spsa_n")  # bad values fail before any attack
         if self.cascade is None:
             self.cascade = tuple(self.attacks) == DEFAULT_ATTACKS
 

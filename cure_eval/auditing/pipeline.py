@@ -32,7 +32,7 @@ from .report import has_geometry, write_comparison, write_features_comparison, w
 from .runner import audit_plan, run_audit_suite
 from .shard import Shard
 from .sources import audit_labels, check_model_outputs
-from .stages import STAGES, AuditRun, run_stage
+from .stages import STAGES, AuditRun, audit_passes, run_stage
 from .store import AuditState, MemoryAuditState
 
 log = logging.getLogger("cure_eval.audit")
@@ -129,6 +129,8 @@ def _audit_with_state(run: AuditRun, desc: dict[str, Any], plan: SuitePlan, stat
     for stage in STAGES:  # the optional sections, in order; each resumable and allowed not to apply
         if stage.wanted(opts):
             summary[stage.name] = run_stage(stage, run, state)
+    if (total := audit_passes(summary)) is not None:
+        summary["total_passes"] = total
     if opts.save_adversarials:
         from .adversarials import write_adversarials
 

@@ -99,6 +99,9 @@ def format_results_table(summary: dict[str, Any]) -> str:
                      _per_point(r.get("passes"), n) + (f" ({shared}, shared)" if shared else "")])
     rows.append(["worst case", f"{100 * summary['worst_case_accuracy']:.1f}", f"{summary['seconds']:.1f}", "",
                  _per_point(total, n) + (" (all)" if total else "")])
+    whole = summary.get("total_passes")
+    if whole and whole.get("stages"):
+        rows.append([f"audit with {', '.join(whole['stages'])}", "", "", "", _per_point(whole, n)])
     table = tabulate(rows, headers=["attack", "accuracy %", "seconds", "median min. perturbation",
                                     "passes f+b per point"], tablefmt="github")
     comparison = format_autoattack_comparison(summary)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..attacks import SuiteResult, eps_sweep
 from ..attacks.evaluation import predict
+from ..attacks.passes import PassCounter, add_passes, pass_record
 from ..core.io import new_figure, save_figure, write_json_atomic
 from ..data import DatasetSpec
 from ..errors import NotApplicable
@@ -71,17 +72,36 @@ class Stage:
 
 
 def run_stage(stage: Stage, run: AuditRun, state: AuditState) -> Any:
+    """The stage's result: reused from ``state`` when its settings and files match, else run
+    (its passes counted into ``result["passes"]``) and stored."""
     settings = stage.settings(run)
     data = state.stage(stage.name, settings, stage.files)
     if data is not None:
         log.info("%s: reused from %s", stage.name, state.path.name)
         return data
+    counter = PassCounter(run.model)  # every pass a stage spends counts into the audit's total
     try:
-        result = stage.run(run)
+        with counter:
+            result = stage.run(run)
     except NotApplicable as exc:
         log.warning("%s: not applicable to %s: %s", stage.name, run.label, exc)
         result = not_applicable(str(exc))
+    if isinstance(result, dict):
+        result["passes"] = pass_record(counter.passes)
     return state.put_stage(stage.name, settings, result)
+
+
+def audit_passes(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The whole audit's passes: ``{"forward", "backward", "suite", "stages": {name: record}}``,
+    the suite's (its clean passes included) plus every stage's; None when the suite's were not
+    counted (a state stored before the counter existed)."""
+    suite = summary.get("passes")
+    if not suite:
+        return None
+    stages = {st.name: summary[st.name]["passes"] for st in STAGES
+              if isinstance(summary.get(st.name), dict) and "passes" in summary[st.name]}
+    suite_record = {k: int(suite[k]) for k in ("forward", "backward")}
+    return {**add_passes(suite_record, *stages.values()), "suite": suite_record, "stages": stages}
 
 
 def _sweep_stage(r: AuditRun) -> dict[str, Any]:
@@ -93,12 +113,20 @@ def _masking_n(r: AuditRun) -> int:
     return min(r.opts.masking_n or len(r.x), len(r.x))
 
 
+def _masking_settings(r: AuditRun) -> dict[str, Any]:
+    from ..masking.findings import gradient_free_points
+
+    m = _masking_n(r)
+    return {"masking_n": m, "points": "seeded subset", "spsa_n": gradient_free_points(m, r.opts.masking_spsa_n)}
+
+
 def _masking_stage(r: AuditRun) -> dict[str, Any]:
     from ..masking import run_masking_check
 
-    # a seeded subset of the audited points: the suite's FGSM, PGD(40/100) and SPSA results on
-    # them are reused, so the check adds no second SPSA run
-    report = run_masking_check(r.model, r.x, r.y, n=_masking_n(r), eps=r.eps, device=r.device, seed=r.opts.seed,
+    # a seeded subset of the audited points; a non-cascade suite's FGSM, PGD(40/100) and SPSA
+    # results on them are reused (the default cascade's are not: they cover only some points)
+    report = run_masking_check(r.model, r.x, r.y, n=_masking_n(r), spsa_n=r.opts.masking_spsa_n, eps=r.eps,
+                               device=r.device, seed=r.opts.seed,
                                pgd_alpha=r.alpha, spsa_iterations=r.opts.spsa_iterations,
                                batch_size=r.opts.batch_size, suite=r.measured, progress=r.progress)
     report.plot_scatter(r.out / "masking_scatter.png")
@@ -204,8 +232,7 @@ def _features_stage(r: AuditRun) -> dict[str, Any]:
 STAGES: tuple[Stage, ...] = (
     Stage("eps_sweep", lambda o: bool(o.eps_sweep), lambda r: {"eps_sweep": r.opts.eps_sweep},
           ("eps_sweep.json", "eps_sweep.png"), _sweep_stage),
-    Stage("masking", lambda o: o.masking_check, lambda r: {"masking_n": _masking_n(r), "points": "seeded subset"},
-          ("masking_scatter.png",), _masking_stage),
+    Stage("masking", lambda o: o.masking_check, _masking_settings, ("masking_scatter.png",), _masking_stage),
     Stage("geometry", lambda o: o.geometry, _geometry_settings, ("geometry.json",), _geometry_stage),
     Stage("features", lambda o: o.features, _features_settings,
           ("features.json", "features_sensitivity.png", "features_confidence.png"), _features_stage),

@@ -19,7 +19,10 @@ gradient, does clearly better than PGD, the gradients are masked.
 check                      warning sign (source)
 =========================  ==================================================================
 ``spsa_vs_pgd``            gradient-free SPSA beats PGD(100) per point (CURE Fig. 7; Uesato
-                           et al. 2018; Athalye et al. 2018 "black-box beats white-box")
+                           et al. 2018; Athalye et al. 2018 "black-box beats white-box"), on a
+                           seeded subset of the points (:func:`gradient_free_points`)
+``square_vs_pgd``          the same comparison for gradient-free Square (Andriushchenko et al.
+                           2020), on the same subset; WARN at most (no FAIL threshold measured)
 ``fgsm_vs_pgd``            single-step FGSM fools points PGD(100) does not (Athalye et al. 2018;
                            Carlini et al. 2019)
 ``eps_monotone``           PGD robust accuracy rises with ε (Carlini et al. 2019)
@@ -71,7 +74,7 @@ import warnings
 from typing import Any
 
 from ..attacks.trajectory import PGDTrajectory, pgd_trajectory
-from .findings import NEEDED_ATTACKS, Finding
+from .findings import NEEDED_ATTACKS, Finding, gradient_free_points
 from .probes import (
     check_gradients,
     check_probability_outputs,
@@ -122,6 +125,7 @@ __all__ = [
     "check_square_vs_pgd",
     "check_suite_vs_autoattack",
     "check_unbounded",
+    "gradient_free_points",
     "pgd_trajectory",
     "random_noise_fooled",
     "run_masking_check",

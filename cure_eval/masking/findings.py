@@ -12,12 +12,16 @@ from typing import Any, Literal
 import torch
 
 from ..core.io import to_jsonable
+from ..errors import UsageError
 
 Status = Literal["PASS", "WARN", "FAIL"]
 Verdict = Literal["pass", "suspect"]
 
 #: The attacks of the suite the checks need (reused from a given :class:`SuiteResult`).
 NEEDED_ATTACKS: tuple[str, ...] = ("fgsm", "pgd40", "pgd100", "spsa")
+#: The gradient-free attacks of the per-point comparisons: run on a seeded subset of the checked
+#: points (:func:`gradient_free_points`), the others on all of them.
+GRADIENT_FREE_ATTACKS: tuple[str, ...] = ("spsa", "square")
 
 # --------------------------------------------------------------------------------------------
 # Thresholds. Measured on digits models (normal, CURE, and three models that mask on purpose);
@@ -33,6 +37,15 @@ MIN_POINTS = 2
 SPSA_TOLERANCE = 0.2
 #: FAIL when more than this fraction of the attacked points are red (honest max 2.9 %).
 SPSA_STRONGER_FAIL = 0.1
+#: SPSA and Square run on one checked point in ``GRADIENT_FREE_SHARE`` (seeded), at least
+#: ``GRADIENT_FREE_MIN_POINTS`` (all when fewer): SPSA spends up to 12,900 forwards on every point it
+#: cannot break (about 7,000 on average on the digits CNNs, twice AutoAttack's whole budget per
+#: point), while the red share it is judged on is 0-2.9 % on honest models and 87-100 % on masked
+#: ones, which a sixteenth of the points still separates. With one in 16, the whole masking check
+#: of a 200-point audit stays under AutoAttack's passes on the same points, and the verdicts on the
+#: masked test models are those of SPSA on every point (docs/masking.md#cost).
+GRADIENT_FREE_SHARE = 16
+GRADIENT_FREE_MIN_POINTS = 10
 #: FAIL when FGSM fools more than this fraction of the attacked points that PGD(100) did not
 #: (honest max 1.4 %, i.e. one point of 70).
 FGSM_BEATS_PGD_FAIL = 0.05
@@ -109,6 +122,19 @@ def status_of(value: float, threshold: float, *, warn: bool, count: int | None =
     if value > threshold and (count is None or count >= MIN_POINTS):
         return "FAIL"
     return "WARN" if warn else "PASS"
+
+
+def gradient_free_points(n: int, spsa_n: int | str = "auto", *, name: str = "spsa_n") -> int:
+    """How many of ``n`` checked points SPSA and Square attack: ``spsa_n`` points (at most ``n``),
+    all of them for ``"all"``, and for ``"auto"`` one in :data:`GRADIENT_FREE_SHARE`, at least
+    :data:`GRADIENT_FREE_MIN_POINTS`. ``name``: the parameter an error message names."""
+    if spsa_n == "all":
+        return n
+    if spsa_n == "auto":
+        return min(n, max(GRADIENT_FREE_MIN_POINTS, -(-n // GRADIENT_FREE_SHARE)))
+    if isinstance(spsa_n, int) and not isinstance(spsa_n, bool) and spsa_n >= 1:
+        return min(n, spsa_n)
+    raise UsageError(f"`{name}` must be a positive number of points, auto or all, got {spsa_n!r}")
 
 
 def json_float(v: float) -> float | None:

@@ -25,7 +25,8 @@ class MaskingReport:
     ``verdict`` is ``"suspect"`` if any finding FAILs, else ``"pass"`` (WARNs do not count, see
     the module docs). ``pgd_margin`` / ``spsa_margin`` hold the adversarial loss (true logit minus
     largest other logit, CURE Fig. 7) at the points PGD(100) and SPSA returned, for the attacked
-    (clean-correct) points, NaN elsewhere.
+    (clean-correct) points, NaN elsewhere; SPSA's (and ``square_margin``) only on the seeded subset
+    the gradient-free attacks ran on (``settings["gradient_free_points"]``).
     """
 
     verdict: Verdict
@@ -38,6 +39,8 @@ class MaskingReport:
     pgd_margin: torch.Tensor
     spsa_margin: torch.Tensor
     tolerance: float
+    #: Square's adversarial losses where it attacked (the gradient-free subset), NaN elsewhere
+    square_margin: torch.Tensor | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -98,11 +101,15 @@ class MaskingReport:
         sy = self.spsa_margin[mask].double().numpy()
         cm = self.clean_margin[mask].double().numpy()
         red = sy < px - self.tolerance * np.abs(cm)
+        sq_x, sq_y = np.zeros(0), np.zeros(0)
+        if self.square_margin is not None:
+            sq_mask = self.clean_correct & torch.isfinite(self.pgd_margin) & torch.isfinite(self.square_margin)
+            sq_x, sq_y = self.pgd_margin[sq_mask].double().numpy(), self.square_margin[sq_mask].double().numpy()
         fig = new_figure(5.2, 5.0, dpi=120)
         ax = fig.add_subplot(1, 1, 1)
-        if len(px):
-            lo = float(min(px.min(), sy.min()))
-            hi = float(max(px.max(), sy.max()))
+        if len(px) or len(sq_x):
+            lo = float(min(np.concatenate([px, sy, sq_x, sq_y])))
+            hi = float(max(np.concatenate([px, sy, sq_x, sq_y])))
             pad = 0.05 * (hi - lo) if hi > lo else 1.0
             lo, hi = lo - pad, hi + pad
             ax.plot([lo, hi], [lo, hi], color="0.3", lw=1.0, ls="--", label="y = x", zorder=1)
@@ -114,8 +121,11 @@ class MaskingReport:
                    label=f"similar or PGD stronger ({int((~red).sum())})")
         ax.scatter(px[red], sy[red], s=14, c="tab:red", alpha=0.85, zorder=3,
                    label=f"SPSA stronger ({int(red.sum())})")
+        if len(sq_x):
+            ax.scatter(sq_x, sq_y, s=16, marker="x", c="tab:orange", alpha=0.8, zorder=4,
+                       label=f"Square, same points ({len(sq_x)})")
         ax.set_xlabel("adversarial loss, PGD(100)  (true − best other logit)")
-        ax.set_ylabel("adversarial loss, SPSA")
+        ax.set_ylabel("adversarial loss, SPSA (and Square)")
         if title is None:
             lines = [f"gradient masking: {self.verdict.upper()}  (ε = {self.eps * 255:.4g}/255, "
                      f"{int(mask.sum())} points)"]

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..attacks import AttackResult, SuiteResult, eps_sweep, get_attack, run_suite
 from ..attacks.base import require_input_gradients
+from ..attacks.square import SquareConfig
 from ..attacks.trajectory import pgd_trajectory
 from ..core.modes import check_device, preserved_mode
 from ..data import select_points
@@ -20,12 +21,14 @@ from ..errors import UsageError
 from .findings import (
     EPS_SWEEP_FACTORS,
     EPS_SWEEP_STEPS,
+    GRADIENT_FREE_ATTACKS,
     NEEDED_ATTACKS,
     NOISE_DRAWS,
     SPSA_TOLERANCE,
     UNBOUNDED_STEPS,
     Finding,
     Verdict,
+    gradient_free_points,
 )
 from .probes import (
     check_gradients,
@@ -78,6 +81,7 @@ def run_masking_check(
     eps: float,
     device: torch.device | str,
     n: int | None = None,
+    spsa_n: int | str = "auto",
     seed: int = 0,
     pgd_alpha: float = 2 / 255,
     spsa_iterations: int = 100,
@@ -97,7 +101,11 @@ def run_masking_check(
         device: where the model runs (``"cpu"``, ``"cuda:0"``...). Required, never guessed.
         n: check only a seeded subset of ``n`` points (:func:`cure_eval.data.select_points`).
             Default: all.
-        seed: seed of the attacks' random starts, SPSA's streams and the noise. Default 0.
+        spsa_n: how many of the checked points the gradient-free attacks (SPSA, Square) attack, a
+            seeded subset (:func:`~.findings.gradient_free_points`): a number, ``"all"``, or
+            ``"auto"`` (default: one in 16, at least 10). SPSA's streams are seeded per point index,
+            so a point's SPSA result does not depend on the subset.
+        seed: seed of the attacks' random starts, SPSA's streams, the subsets and the noise. Default 0.
         pgd_alpha: PGD step size (FGSM, PGD(40/100), the trajectory). Default 2/255.
         spsa_iterations: SPSA Adam steps (128 samples each, early stop). Default 100, the CURE
             paper's setting; fewer make SPSA weaker, which can only hide masking.
@@ -110,10 +118,11 @@ def run_masking_check(
             by more than ``tolerance`` × the point's clean margin. Default
             :data:`SPSA_TOLERANCE`.
 
-    What runs beyond the suite attacks (all on the clean-correct points): an ε sweep
-    (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via :func:`~cure_eval.attacks.eps_sweep`), PGD(100)
-    at ε = 1 from the clean input (early stop), 100 noise draws per point, a PGD(100) trajectory
-    of the points PGD(100) did not fool, input gradients and 5 + 1 forward passes.
+    What runs beyond the suite attacks (all on the clean-correct points): Square (1000 queries)
+    on the gradient-free subset, an ε sweep (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via
+    :func:`~cure_eval.attacks.eps_sweep`), PGD(100) at ε = 1 from the clean input (early stop),
+    100 noise draws per point, a PGD(100) trajectory of the points PGD(100) did not fool, input
+    gradients and 5 + 1 forward passes.
     """
     start = time.perf_counter()
     dev = torch.device(device)
@@ -124,30 +133,33 @@ def run_masking_check(
     points = select_points(len(x), n, seed)
     x, y = x[points], y[points]
     indices = (suite.indices[points] if suite is not None and reuse else points)
+    # positions (in the checked points) of the gradient-free attacks' subset
+    sub = select_points(len(x), gradient_free_points(len(x), spsa_n), seed)
 
     check_device(model, dev)
     require_input_gradients(model, x[:2].to(dev))  # PGD, FGSM and the gradient checks need them
     with preserved_mode(model):
-        missing = [a for a in NEEDED_ATTACKS if a not in reuse]
-        results, clean_margin = _attack_results(model, x, y, suite, reuse, missing, points, indices, eps=eps,
-                                                device=dev, seed=seed, pgd_alpha=pgd_alpha,
-                                                spsa_iterations=spsa_iterations, batch_size=batch_size,
-                                                progress=progress)
-        # Points every attack attacked (= clean-correct; a randomised model may disagree with itself).
+        results, clean_margin, ran = _attack_results(
+            model, x, y, suite, reuse, points, indices, sub, eps=eps, device=dev, seed=seed, pgd_alpha=pgd_alpha,
+            spsa_iterations=spsa_iterations, batch_size=batch_size, progress=progress)
+        # Points every gradient attack attacked (= clean-correct; a randomised model may disagree
+        # with itself); the gradient-free ones attacked those of them in ``sub``.
         attacked = torch.ones(len(x), dtype=torch.bool)
         for a in NEEDED_ATTACKS:
-            attacked &= results[a].attacked
+            if a not in GRADIENT_FREE_ATTACKS:
+                attacked &= results[a].attacked
         run = MaskingRun(model=model, x=x, y=y, eps=eps, device=dev, seed=seed, pgd_alpha=pgd_alpha,
                          batch_size=batch_size, progress=progress, tolerance=tolerance, results=results,
-                         clean_margin=clean_margin, attacked=attacked)
+                         clean_margin=clean_margin, attacked=attacked, sub=sub)
         findings = [check(run) for _, check in MASKING_CHECKS]
         if suite is not None and reuse:
-            findings.extend(_square_findings(suite, points, attacked, results["pgd100"], clean_margin, tolerance))
             findings.extend(_autoattack_findings(suite, points, attacked))
 
     verdict: Verdict = "suspect" if any(f.status == "FAIL" for f in findings) else "pass"
     settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
-                "batch_size": batch_size, "reused_from_suite": reuse, "ran": missing,
+                "batch_size": batch_size, "reused_from_suite": reuse, "ran": ran,
+                "gradient_free_points": len(sub), "gradient_free_indices": indices[sub].tolist(),
+                "square_queries": SquareConfig().queries,
                 "eps_sweep": run.eps_list, "noise_draws": NOISE_DRAWS,
                 "unbounded_steps": UNBOUNDED_STEPS, "indices": indices.tolist()}
     nan = torch.full((len(x),), math.nan)
@@ -155,12 +167,20 @@ def run_masking_check(
         verdict=verdict, findings=findings, eps=float(eps), n=len(x),
         clean_accuracy=float(attacked.double().mean()), clean_correct=attacked,
         clean_margin=clean_margin.float(), pgd_margin=torch.where(attacked, results["pgd100"].margin.float(), nan),
-        spsa_margin=torch.where(attacked, results["spsa"].margin.float(), nan),
+        spsa_margin=_spread(results["spsa"], sub, len(x)), square_margin=_spread(results["square"], sub, len(x)),
         tolerance=tolerance, settings=settings, seconds=time.perf_counter() - start,
     )
     log.info("masking check: %s (%s) in %.1fs", verdict,
              ", ".join(f"{f.name}={f.status}" for f in findings), report.seconds)
     return report
+
+
+def _spread(res: AttackResult, sub: torch.Tensor, n: int) -> torch.Tensor:
+    """A subset attack's adversarial losses at their places among ``n`` points (NaN elsewhere and
+    where it did not attack)."""
+    out = torch.full((n,), math.nan)
+    out[sub] = torch.where(res.attacked, res.margin.float(), torch.tensor(math.nan))
+    return out
 
 
 def _check_args(x: torch.Tensor, y: torch.Tensor, *, eps: float, spsa_iterations: int, tolerance: float) -> None:
@@ -178,26 +198,38 @@ def _check_args(x: torch.Tensor, y: torch.Tensor, *, eps: float, spsa_iterations
 
 def _attack_results(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: SuiteResult | None, reuse: list[str],
-    missing: list[str], points: torch.Tensor, indices: torch.Tensor, *, eps: float, device: torch.device,
+    points: torch.Tensor, indices: torch.Tensor, sub: torch.Tensor, *, eps: float, device: torch.device,
     seed: int, pgd_alpha: float, spsa_iterations: int, batch_size: int, progress: bool,
-) -> tuple[dict[str, AttackResult], torch.Tensor]:
-    """The :data:`NEEDED_ATTACKS`' results on the points, reused from ``suite`` or run; the clean margins."""
+) -> tuple[dict[str, AttackResult], torch.Tensor, list[str]]:
+    """The attacks' results, reused from ``suite`` or run: FGSM and PGD(40/100) on all checked
+    points, SPSA and Square on the subset ``sub`` (their results have ``len(sub)`` rows); the
+    clean margins; the attacks that ran."""
     results: dict[str, AttackResult] = {}
     clean_margin = torch.zeros(0)
     if reuse:
         assert suite is not None
         log.info("masking check: reusing %s from the given suite", ", ".join(reuse))
-        results.update({a: _subset(suite.attacks[a], points) for a in reuse})
+        for a in reuse:
+            res = _subset(suite.attacks[a], points)
+            results[a] = _subset(res, sub) if a in GRADIENT_FREE_ATTACKS else res
         clean_margin = suite.clean_margin[points]
-    if missing:
-        log.info("masking check: running %s on %d points", ", ".join(missing), len(x))
-        own = run_suite(model, x, y, eps=eps, device=device, attacks=missing, batch_size=batch_size,
-                        seed=seed, pgd_alpha=pgd_alpha, spsa_iterations=spsa_iterations,
-                        indices=indices, progress=progress)
+    full = [a for a in NEEDED_ATTACKS if a not in reuse and a not in GRADIENT_FREE_ATTACKS]
+    # Square is never reused: AutoAttack's Square draws its random squares per batch, so a
+    # suite's Square on other batches would not be this subset's
+    free = [a for a in (*NEEDED_ATTACKS, "square") if a in GRADIENT_FREE_ATTACKS and a not in results]
+    common = {"eps": eps, "device": device, "batch_size": batch_size, "seed": seed, "pgd_alpha": pgd_alpha,
+              "spsa_iterations": spsa_iterations, "progress": progress}
+    if full:
+        log.info("masking check: running %s on %d points", ", ".join(full), len(x))
+        own = run_suite(model, x, y, attacks=full, indices=indices, **common)  # type: ignore[arg-type]
         results.update(own.attacks)
         if not reuse:
             clean_margin = own.clean_margin
-    return results, clean_margin
+    if free:
+        log.info("masking check: running %s on %d of the %d points", ", ".join(free), len(sub), len(x))
+        own = run_suite(model, x[sub], y[sub], attacks=free, indices=indices[sub], **common)  # type: ignore[arg-type]
+        results.update(own.attacks)
+    return results, clean_margin, full + free
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +252,8 @@ class MaskingRun:
     results: dict[str, AttackResult]
     clean_margin: torch.Tensor
     attacked: torch.Tensor
+    #: positions of the gradient-free attacks' points (their results have one row per position)
+    sub: torch.Tensor
 
     @property
     def idx(self) -> torch.Tensor:
@@ -236,8 +270,17 @@ class MaskingRun:
 
 
 def _spsa_vs_pgd(r: MaskingRun) -> Finding:
-    return check_spsa_vs_pgd(pgd_margin=r.results["pgd100"].margin.float(), spsa_margin=r.results["spsa"].margin.float(),
-                             clean_margin=r.clean_margin.float(), attacked=r.attacked, tolerance=r.tolerance)
+    spsa = r.results["spsa"]
+    return check_spsa_vs_pgd(pgd_margin=r.results["pgd100"].margin[r.sub].float(), spsa_margin=spsa.margin.float(),
+                             clean_margin=r.clean_margin[r.sub].float(), attacked=r.attacked[r.sub] & spsa.attacked,
+                             tolerance=r.tolerance)
+
+
+def _square_vs_pgd(r: MaskingRun) -> Finding:
+    sq = r.results["square"]
+    return check_square_vs_pgd(pgd_margin=r.results["pgd100"].margin[r.sub].float(), square_margin=sq.margin.float(),
+                               clean_margin=r.clean_margin[r.sub].float(), attacked=r.attacked[r.sub] & sq.attacked,
+                               tolerance=r.tolerance)
 
 
 def _fgsm_vs_pgd(r: MaskingRun) -> Finding:
@@ -305,6 +348,7 @@ def _convergence(r: MaskingRun) -> Finding:
 #: The checks, in report order (the AutoAttack comparison follows when the suite ran AutoAttack).
 MASKING_CHECKS: tuple[tuple[str, Callable[[MaskingRun], Finding]], ...] = (
     ("spsa_vs_pgd", _spsa_vs_pgd),
+    ("square_vs_pgd", _square_vs_pgd),
     ("fgsm_vs_pgd", _fgsm_vs_pgd),
     ("eps_monotone", _eps_monotone),
     ("unbounded", _unbounded),
@@ -328,18 +372,6 @@ def _autoattack_findings(suite: SuiteResult, points: torch.Tensor, attacked: tor
         suite_robust &= suite.attacks[a].worst_case_robust[points]
     return [check_suite_vs_autoattack(suite_robust=suite_robust, autoattack_robust=suite.attacks[r].robust[points],
                                       attacked=attacked, attack=r) for r in refs]
-
-
-def _square_findings(suite: SuiteResult, points: torch.Tensor, attacked: torch.Tensor, pgd100: AttackResult,
-                     clean_margin: torch.Tensor, tolerance: float) -> list[Finding]:
-    """``square_vs_pgd`` on the checked points when the suite ran Square (the default suite does);
-    none otherwise."""
-    if "square" not in suite.attacks:
-        return []
-    sq = _subset(suite.attacks["square"], points)
-    att = attacked & sq.attacked
-    return [check_square_vs_pgd(pgd_margin=pgd100.margin.float(), square_margin=sq.margin.float(),
-                                clean_margin=clean_margin.float(), attacked=att, tolerance=tolerance)]
 
 
 def _subset(res: AttackResult, points: torch.Tensor) -> AttackResult:
