@@ -294,3 +294,18 @@ def test_measure_spsa_cost_tiny(tmp_path: Path) -> None:
     assert len(rows) == 8, out  # 4 models × 2 settings
     assert all(positive(line.split()[-1]) or line.split()[-1] == "0" for line in rows)
     assert any("shattered" in line and "suspect" in line for line in rows)
+
+
+@pytest.mark.slow
+def test_bench_masking_cost_tiny(tmp_path: Path) -> None:
+    (rows,) = github_tables(run_tiny("bench_masking_cost", tmp_path))
+    assert [(r["model"], r["run"]) for r in rows] == [
+        (m, run) for m in ("normal CNN", "shattered") for run in (
+            "audit --masking-check, SPSA/Square on all", "audit --masking-check, SPSA/Square on auto", "AutoAttack standard")]
+    for r in rows:
+        assert positive(r["fwd / pt"]) and positive(r["(f+b) / AA's"]), r
+        assert positive(r["bwd / pt"]), r  # every run here takes gradients
+    aa = [r for r in rows if r["run"] == "AutoAttack standard"]
+    assert all(number(r["(f+b) / AA's"]) == 1 for r in aa)
+    shattered = [r for r in rows if r["model"] == "shattered" and r["verdict"]]
+    assert {r["verdict"] for r in shattered} == {"suspect"}, shattered
