@@ -17,7 +17,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of exiting, so errors stay one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see --help)")
+        # an argument may hold a line break (argparse quotes it as given): keep the message one line
+        one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+        raise UsageError(f"{one_line} (see --help)")
 
 
 class _DropLibraryChatter(logging.Filter):
