@@ -22,6 +22,25 @@ from cure_eval.testing import small_cnn, train_plain  # noqa: E402,F401  (tests 
 torch.set_num_threads(1)
 
 
+#: The longest tests (``--durations``: the default defend run alone is about a third of the suite),
+#: run first: with two workers (``-n 2``, pyproject.toml) the other worker takes the rest meanwhile
+#: instead of one worker finishing them alone at the end.
+LONGEST_FIRST = (
+    "test_default_command_shows_the_cure_effect",
+    "test_gpu_check_smoke_runs_every_stage",
+    "test_every_cli_runs_from_the_wheel",
+    "test_documented_gpu_command_runs_one_real_step_on_cpu",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = getattr(item, "originalname", item.name)
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the others keep their order
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     """One torch thread in every test module, restored afterwards (a test may change it)."""
