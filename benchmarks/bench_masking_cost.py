@@ -31,18 +31,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from _common import exit_if_degenerate, parse_args  # noqa: E402
-from tabulate import tabulate  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from tabulate import tabulate
+from torch import nn
 
-from cure_eval.attacks import run_autoattack  # noqa: E402
-from cure_eval.attacks.passes import PassCounter  # noqa: E402
-from cure_eval.auditing import AuditOptions, audit_model  # noqa: E402
-from cure_eval.data import DatasetSpec, get_dataset_spec, load_dataset, select_points  # noqa: E402
-from cure_eval.models import NormalizedModel  # noqa: E402
-from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain  # noqa: E402
+from cure_eval.attacks import run_autoattack
+from cure_eval.attacks.passes import PassCounter
+from cure_eval.auditing import AuditOptions, audit_model
+from cure_eval.data import DatasetSpec, get_dataset_spec, load_dataset, select_points
+from cure_eval.models import NormalizedModel
+from cure_eval.testing import NoisyInput, QuantizedInput, SaturatedLogits, small_cnn, train_plain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_if_degenerate, parse_args  # noqa: E402
+
 
 def digits_models(seed: int, *, tiny: bool) -> list[tuple[str, nn.Module, DatasetSpec]]:
     """The small digits CNN (trained inline, as the tests do) and its masking wrappers."""
