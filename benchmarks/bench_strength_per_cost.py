@@ -18,9 +18,14 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --tiny      # < 1 min, asserts
     OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --n 100     # the docs' table
     OMP_NUM_THREADS=1 python benchmarks/bench_strength_per_cost.py --checkpoint runs/x/cure --n 360
+    python benchmarks/bench_strength_per_cost.py --autoattack-cifar --eps 2 --threads 2 --only default
 
 Without ``--checkpoint`` it trains the small digits CNN inline, as the tests do. ε defaults to
-the dataset's (32/255 on digits). Exits 1 when a figure is degenerate (a zero count for an attack
+the dataset's (32/255 on digits). ``--autoattack-cifar`` evaluates AutoAttack's own example
+model instead: the CIFAR-10 ResNet-18 that ``pyautoattack`` ships (``examples/model_test.pt``,
+inputs in [0, 1], loaded with ``weights_only=True``) on foolbox's 20 real CIFAR-10 test images
+(``foolbox/data/cifar10_*.png``), nothing downloaded. ``--only default`` runs the audit's default
+suite alone. Exits 1 when a figure is degenerate (a zero count for an attack
 that attacked points, a NaN ratio) or a returned point leaves the ε-ball.
 """
 
@@ -81,6 +86,9 @@ def square(q: int) -> Step:
     return Step(f"Square({q})", "square", SquareConfig(queries=q))
 
 
+DEFAULT_SUITE = "FGSM>PGD(20)>CE>T(malt,3)>Sq(1000)"  # the audit's DEFAULT_ATTACKS, as a cascade
+
+
 def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
     ce = Step("APGD-CE", "apgd-ce", APGDConfig())
     dlr = Step("APGD-DLR", "apgd-dlr", APGDConfig())
@@ -99,7 +107,7 @@ def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
             suites[f"CE>T({ranking},{k})"] = [ce, apgd_t(k, ranking)]
     for q in (100, 300, 1000, 5000):
         suites[f"CE>T(malt,3)>Sq({q})"] = [ce, apgd_t(3, "malt"), square(q)]
-    suites["FGSM>PGD(20)>CE>T(malt,3)>Sq(1000)"] = [Step("FGSM", "fgsm"), pgd(20, eps), ce, apgd_t(3, "malt"),
+    suites[DEFAULT_SUITE] = [Step("FGSM", "fgsm"), pgd(20, eps), ce, apgd_t(3, "malt"),
                                                     square(1000)]
     suites["CE>SPSA(100it)"] = [ce, Step("SPSA", "spsa", SPSAConfig())]
     for q in (100, 300, 1000, 5000):
@@ -147,6 +155,25 @@ def run_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.T
     return out
 
 
+def autoattack_cifar() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """pyautoattack's example CIFAR-10 ResNet-18 and foolbox's 20 CIFAR-10 test images (in [0, 1])."""
+    from pathlib import Path
+
+    import foolbox
+    import numpy as np
+    import pyautoattack
+    from PIL import Image
+    from pyautoattack.examples.resnet import ResNet18
+
+    model = ResNet18()
+    weights = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))  # tensors only, no pickle code
+    files = sorted((Path(foolbox.__file__).parent / "data").glob("cifar10_*.png"))  # cifar10_<index>_<label>.png
+    x = torch.stack([torch.tensor(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]).float() / 255
+    y = torch.tensor([int(f.stem.split("_")[2]) for f in files])
+    return model, x, y
+
+
 def train_digits_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     spec = get_dataset_spec("digits")
@@ -158,6 +185,9 @@ def train_digits_model(seed: int = 0) -> nn.Module:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="cure_eval checkpoint (file or run folder); default: the digits CNN")
+    ap.add_argument("--autoattack-cifar", action="store_true", help="pyautoattack's example CIFAR-10 ResNet-18 on "
+                    "foolbox's 20 CIFAR-10 test images (give --eps, e.g. 1 or 2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--n", type=int, default=100, help="test points (default 100)")
     ap.add_argument("--eps", type=float, default=None, help="ℓ∞ radius in 1/255 units (default: the dataset's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -165,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="20 points, two suites, Square(100): under a minute")
     ap.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (no disagreement columns)")
     ap.add_argument("--only", default="", help="';'-separated suite labels to run (labels contain commas; "
-                    "default: all)")
+                    f"'default' is {DEFAULT_SUITE}; default: all)")
     ap.add_argument("--mask", choices=("none", "shattered", "vanishing", "stochastic"), default="none",
                     help="wrap the model in a masking wrapper of cure_eval.testing (default: none)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if args.checkpoint:
+    data: tuple[torch.Tensor, torch.Tensor] | None = None
+    if args.autoattack_cifar:
+        model, xc, yc = autoattack_cifar()
+        dataset, source, data = "cifar10", "pyautoattack examples/model_test.pt (ResNet-18), foolbox's CIFAR-10 images", (xc, yc)
+    elif args.checkpoint:
         from cure_eval.models.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(args.checkpoint)
@@ -186,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         model, source = wrap(model), f"{source}, {args.mask} (cure_eval.testing wrapper)"
     model = model.eval()
     n = 20 if args.tiny else args.n
-    test = load_dataset(dataset, "test")
-    idx = select_points(len(test), min(n, len(test)), args.seed)
-    x, y = test.tensors[0][idx], test.tensors[1][idx]
+    if data is None:
+        test = load_dataset(dataset, "test")
+        idx = select_points(len(test), min(n, len(test)), args.seed)
+        x, y = test.tensors[0][idx], test.tensors[1][idx]
+    else:
+        x, y = data[0][:n], data[1][:n]
+        idx = torch.arange(len(x))
     eps = (args.eps if args.eps is not None else get_dataset_spec(dataset).default_eps) / 255
     with torch.no_grad():
         correct = model(x).argmax(1) == y
@@ -196,14 +234,19 @@ def main(argv: list[str] | None = None) -> int:
 
     suites = candidate_suites(eps, tiny=args.tiny)
     if args.only:
-        wanted = [s.strip() for s in args.only.split(";") if s.strip()]
+        wanted = [DEFAULT_SUITE if s.strip() == "default" else s.strip() for s in args.only.split(";") if s.strip()]
         unknown = sorted(set(wanted) - set(suites))
         if unknown:
             print(f"error: unknown suite {', '.join(unknown)}: choose from {'; '.join(suites)}", file=sys.stderr)
             return 2
         suites = {k: v for k, v in suites.items() if k in wanted}
-    outcomes = [run_cascade(model, x, y, idx, steps, eps=eps, seed=args.seed, batch_size=args.batch_size, label=lab)
-                for lab, steps in suites.items()]
+    outcomes = []
+    for lab, steps in suites.items():  # a line on stderr per suite: a long run that is cut short still tells
+        outcomes.append(run_cascade(model, x, y, idx, steps, eps=eps, seed=args.seed, batch_size=args.batch_size,
+                                    label=lab))
+        o = outcomes[-1]
+        print(f"done {lab}: robust {int(o.robust.sum())}/{len(x)}, f {o.passes.forward:,} b {o.passes.backward:,}, "
+              f"{o.seconds:.0f}s", file=sys.stderr, flush=True)
     aa: Outcome | None = None
     if not args.no_autoattack:
         start = time.perf_counter()
@@ -232,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.passes.forward <= 0 or (aa is not None and math.isnan(ratio)):
             bad.append(f"{o.label}: degenerate figures (forward {o.passes.forward}, ratio {ratio})")
     print(f"model: {source}; dataset {dataset}; n = {len(x)} (clean-correct {n_ok}); eps = {eps * 255:g}/255; "
-          f"seed {args.seed}; 1 thread; setup {time.perf_counter() - t0:.0f}s total")
+          f"seed {args.seed}; {args.threads} thread(s); setup {time.perf_counter() - t0:.0f}s total")
     print(tabulate(rows, headers=["suite (cascade)", "worst-case acc %", "AA breaks, suite not",
                                   "suite breaks, AA not", "fwd / pt", "bwd / pt", "(f+b) / AA's", "seconds"]))
     print("\nper attack (attacked points, broken, forward, backward, seconds):")

@@ -309,3 +309,39 @@ def test_bench_masking_cost_tiny(tmp_path: Path) -> None:
     assert all(number(r["(f+b) / AA's"]) == 1 for r in aa)
     shattered = [r for r in rows if r["model"] == "shattered" and r["verdict"]]
     assert {r["verdict"] for r in shattered} == {"suspect"}, shattered
+
+
+def test_autoattack_cifar_images_are_foolboxs_in_the_unit_range() -> None:
+    """The CIFAR part of the strength benchmark reads the same images and labels as foolbox's own
+    ``samples`` (channels first, in [0, 1]) and pyautoattack's example ResNet-18 classifies them."""
+    import foolbox as fb
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_strength_per_cost", BENCHMARKS / "bench_strength_per_cost.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+    model, x, y = bench.autoattack_cifar()
+    model.eval()
+    ref_x, ref_y = fb.utils.samples(fb.PyTorchModel(model, bounds=(0, 1)), dataset="cifar10", batchsize=20,
+                                    data_format="channels_first", bounds=(0, 1))
+    assert x.shape == (20, 3, 32, 32) and torch.allclose(x, ref_x.cpu(), atol=1e-6) and torch.equal(y, ref_y.cpu())
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean())
+    assert acc >= 0.9, acc  # trained weights, not a random ResNet-18 (100 % on these 20 images)
+
+
+@pytest.mark.slow
+def test_bench_strength_per_cost_runs_on_autoattacks_cifar_model(tmp_path: Path) -> None:
+    res = run_benchmark("bench_strength_per_cost", tmp_path, "--autoattack-cifar", "--eps", "2", "--n", "2",
+                        "--only", "default", "--no-autoattack")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dataset cifar10; n = 2 (clean-correct 2); eps = 2/255" in res.stdout, res.stdout
+    row = re.search(r"^FGSM>PGD\(20\)>CE>T\(malt,3\)>Sq\(1000\)\s+(.*)$", res.stdout, re.M)
+    assert row is not None, res.stdout
+    cols = row[1].split()  # worst %, AA-only, suite-only (nan without AutoAttack), fwd/pt, bwd/pt, ratio, s
+    assert 0 <= number(cols[0]) <= 100 and positive(cols[3]) and positive(cols[4]), cols
