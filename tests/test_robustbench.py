@@ -124,6 +124,9 @@ def test_unknown_name_missing_checkpoint_and_bad_names(tmp_path: Path, capsys: p
 def test_offline_checkpoint_in_robustbenchs_layout(tmp_path: Path) -> None:
     """A checkpoint written from the architecture RobustBench builds for the name loads through
     robustbench.utils.load_model, offline, and gives that network's logits on [0, 1] images."""
+    # robustbench 1.1.1 imports `autoattack` on import: alias it as the loader does (under xdist
+    # this test may run on a worker where no other test has imported robustbench first).
+    alias_autoattack()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
@@ -147,6 +150,7 @@ def test_audit_command_on_a_robustbench_model(tmp_path: Path) -> None:
     """The issue's command shape, offline: synthetic CIFAR-10 files, a checkpoint in RobustBench's layout."""
     import json
 
+    alias_autoattack()  # as in test_offline_checkpoint_in_robustbenchs_layout
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
