@@ -86,7 +86,8 @@ def square(q: int) -> Step:
     return Step(f"Square({q})", "square", SquareConfig(queries=q))
 
 
-DEFAULT_SUITE = "FGSM>PGD(20)>CE>T(malt,3)>Sq(1000)"  # the audit's DEFAULT_ATTACKS, as a cascade
+K_DEFAULT = APGDTConfig().targets  # the library's default, not restated here
+DEFAULT_SUITE = f"FGSM>PGD(20)>CE>T(malt,{K_DEFAULT})>Sq(1000)"  # the audit's DEFAULT_ATTACKS, as a cascade
 
 
 def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
@@ -107,8 +108,14 @@ def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
             suites[f"CE>T({ranking},{k})"] = [ce, apgd_t(k, ranking)]
     for q in (100, 300, 1000, 5000):
         suites[f"CE>T(malt,3)>Sq({q})"] = [ce, apgd_t(3, "malt"), square(q)]
-    suites[DEFAULT_SUITE] = [Step("FGSM", "fgsm"), pgd(20, eps), ce, apgd_t(3, "malt"),
-                                                    square(1000)]
+    for k in sorted({3, K_DEFAULT}):  # 3: the default before 2026-12-06, kept for the comparison
+        suites[f"FGSM>PGD(20)>CE>T(malt,{k})>Sq(1000)"] = [Step("FGSM", "fgsm"), pgd(20, eps), ce,
+                                                           apgd_t(k, "malt"), square(1000)]
+    # APGD-CE with a second random start on the points the first left: the price of the points
+    # that AutoAttack's APGD-CE breaks with a luckier start (its batches are not the cascade's)
+    suites[f"FGSM>PGD(20)>CE(2r)>T(malt,{K_DEFAULT})>Sq(1000)"] = [
+        Step("FGSM", "fgsm"), pgd(20, eps), Step("APGD-CE(2 restarts)", "apgd-ce", APGDConfig(restarts=2)),
+        apgd_t(K_DEFAULT, "malt"), square(1000)]
     suites["CE>SPSA(100it)"] = [ce, Step("SPSA", "spsa", SPSAConfig())]
     for q in (100, 300, 1000, 5000):
         suites[f"CE>Sq({q})"] = [ce, square(q)]
