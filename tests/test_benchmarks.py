@@ -21,6 +21,8 @@ from types import ModuleType
 
 import pytest
 
+from cure_eval.attacks.apgd_t import APGDTConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -341,7 +343,8 @@ def test_bench_strength_per_cost_runs_on_autoattacks_cifar_model(tmp_path: Path)
                         "--only", "default", "--no-autoattack")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "dataset cifar10; n = 2 (clean-correct 2); eps = 2/255" in res.stdout, res.stdout
-    row = re.search(r"^FGSM>PGD\(20\)>CE>T\(malt,3\)>Sq\(1000\)\s+(.*)$", res.stdout, re.M)
+    k = APGDTConfig().targets  # the default suite's label follows the library's default
+    row = re.search(rf"^FGSM>PGD\(20\)>CE>T\(malt,{k}\)>Sq\(1000\)\s+(.*)$", res.stdout, re.M)
     assert row is not None, res.stdout
     cols = row[1].split()  # worst %, AA-only, suite-only (nan without AutoAttack), fwd/pt, bwd/pt, ratio, s
     assert 0 <= number(cols[0]) <= 100 and positive(cols[3]) and positive(cols[4]), cols
