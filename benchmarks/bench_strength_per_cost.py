@@ -93,13 +93,14 @@ DEFAULT_SUITE = f"FGSM>PGD(20)>CE>T(malt,{K_DEFAULT})>Sq(1000)"  # the audit's D
 def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
     ce = Step("APGD-CE", "apgd-ce", APGDConfig())
     dlr = Step("APGD-DLR", "apgd-dlr", APGDConfig())
+    head = [Step("FGSM", "fgsm"), pgd(20, eps)]  # the default's cheap head
     if tiny:
         return {
-            "FGSM>PGD(20)": [Step("FGSM", "fgsm"), pgd(20, eps)],
+            "FGSM>PGD(20)": head,
             "CE>T(malt,3)>Sq(100)": [ce, apgd_t(3, "malt"), square(100)],
         }
     suites: dict[str, list[Step]] = {
-        "FGSM>PGD(20)": [Step("FGSM", "fgsm"), pgd(20, eps)],
+        "FGSM>PGD(20)": head,
         "APGD-CE": [ce],
         "CE>DLR": [ce, dlr],
     }
@@ -109,13 +110,11 @@ def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
     for q in (100, 300, 1000, 5000):
         suites[f"CE>T(malt,3)>Sq({q})"] = [ce, apgd_t(3, "malt"), square(q)]
     for k in sorted({3, K_DEFAULT}):  # 3: the default before 2026-12-06, kept for the comparison
-        suites[f"FGSM>PGD(20)>CE>T(malt,{k})>Sq(1000)"] = [Step("FGSM", "fgsm"), pgd(20, eps), ce,
-                                                           apgd_t(k, "malt"), square(1000)]
+        suites[f"FGSM>PGD(20)>CE>T(malt,{k})>Sq(1000)"] = [*head, ce, apgd_t(k, "malt"), square(1000)]
     # APGD-CE with a second random start on the points the first left: the price of the points
     # that AutoAttack's APGD-CE breaks with a luckier start (its batches are not the cascade's)
-    suites[f"FGSM>PGD(20)>CE(2r)>T(malt,{K_DEFAULT})>Sq(1000)"] = [
-        Step("FGSM", "fgsm"), pgd(20, eps), Step("APGD-CE(2 restarts)", "apgd-ce", APGDConfig(restarts=2)),
-        apgd_t(K_DEFAULT, "malt"), square(1000)]
+    ce2 = Step("APGD-CE(2 restarts)", "apgd-ce", APGDConfig(restarts=2))
+    suites[f"FGSM>PGD(20)>CE(2r)>T(malt,{K_DEFAULT})>Sq(1000)"] = [*head, ce2, apgd_t(K_DEFAULT, "malt"), square(1000)]
     suites["CE>SPSA(100it)"] = [ce, Step("SPSA", "spsa", SPSAConfig())]
     for q in (100, 300, 1000, 5000):
         suites[f"CE>Sq({q})"] = [ce, square(q)]
