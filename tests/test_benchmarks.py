@@ -313,12 +313,7 @@ def test_bench_masking_cost_tiny(tmp_path: Path) -> None:
     assert {r["verdict"] for r in shattered} == {"suspect"}, shattered
 
 
-def test_autoattack_cifar_images_are_foolboxs_in_the_unit_range() -> None:
-    """The CIFAR part of the strength benchmark reads the same images and labels as foolbox's own
-    ``samples`` (channels first, in [0, 1]) and pyautoattack's example ResNet-18 classifies them."""
-    import foolbox as fb
-    import torch
-
+def _load_strength_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_strength_per_cost", BENCHMARKS / "bench_strength_per_cost.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -327,7 +322,29 @@ def test_autoattack_cifar_images_are_foolboxs_in_the_unit_range() -> None:
         spec.loader.exec_module(bench)
     finally:
         del sys.modules[spec.name]
-    model, x, y = bench.autoattack_cifar()
+    return bench
+
+
+def test_default_suite_label_follows_the_librarys_defaults() -> None:
+    """The benchmark's ``default`` row is labelled with the audit's settings, read from the configs."""
+    from cure_eval.attacks.apgd import APGDConfig
+    from cure_eval.attacks.square import SquareConfig
+
+    bench = _load_strength_bench()
+    r, k, q = APGDConfig().restarts, APGDTConfig().targets, SquareConfig().queries
+    assert bench.DEFAULT_SUITE == f"FGSM>PGD(20)>{'CE' if r == 1 else f'CE({r}r)'}>T(malt,{k})>Sq({q})"
+    steps = bench.candidate_suites(8 / 255, tiny=False)[bench.DEFAULT_SUITE]
+    assert [s.name for s in steps] == ["fgsm", "pgd20", "apgd-ce", "apgd-t", "square"]
+    assert (steps[2].config.restarts, steps[3].config.targets, steps[4].config.queries) == (r, k, q)
+
+
+def test_autoattack_cifar_images_are_foolboxs_in_the_unit_range() -> None:
+    """The CIFAR part of the strength benchmark reads the same images and labels as foolbox's own
+    ``samples`` (channels first, in [0, 1]) and pyautoattack's example ResNet-18 classifies them."""
+    import foolbox as fb
+    import torch
+
+    model, x, y = _load_strength_bench().autoattack_cifar()
     model.eval()
     ref_x, ref_y = fb.utils.samples(fb.PyTorchModel(model, bounds=(0, 1)), dataset="cifar10", batchsize=20,
                                     data_format="channels_first", bounds=(0, 1))
@@ -343,8 +360,8 @@ def test_bench_strength_per_cost_runs_on_autoattacks_cifar_model(tmp_path: Path)
                         "--only", "default", "--no-autoattack")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "dataset cifar10; n = 2 (clean-correct 2); eps = 2/255" in res.stdout, res.stdout
-    k = APGDTConfig().targets  # the default suite's label follows the library's default
-    row = re.search(rf"^FGSM>PGD\(20\)>CE>T\(malt,{k}\)>Sq\(1000\)\s+(.*)$", res.stdout, re.M)
+    label = _load_strength_bench().DEFAULT_SUITE  # the library's defaults (test above)
+    row = re.search(rf"^{re.escape(label)}\s+(.*)$", res.stdout, re.M)
     assert row is not None, res.stdout
     cols = row[1].split()  # worst %, AA-only, suite-only (nan without AutoAttack), fwd/pt, bwd/pt, ratio, s
     assert 0 <= number(cols[0]) <= 100 and positive(cols[3]) and positive(cols[4]), cols
