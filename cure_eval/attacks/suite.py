@@ -96,12 +96,13 @@ ATTACKS: tuple[str, ...] = (
     "fgsm", "pgd7", "pgd20", "pgd40", "pgd100", "apgd-ce", "apgd-dlr", "deepfool_linf", "deepfool_l2", "spsa",
 )
 #: The audit's default suite (``audit --attacks default``), cheap → strong by measured strength per
-#: pass (docs/attacks.md: FGSM > PGD(20) > APGD-CE > APGD-T(MALT, 5 targets) > Square(1000) is
-#: within one point of AutoAttack's worst case on every model measured but one, two points above
-#: it on the normal WRN at 360 digits, at 0.22–0.24× its passes as a cascade). PGD(20) is the only step-limited member: the dataset's PGD step (digits 4/255 =
-#: 2.5·ε/20 at ε = 32/255, Madry et al.; CIFAR 2/255 ≥ 2.5·(8/255)/20) lets its 20 steps cross the
-#: ε-ball, so a default audit never warns of a short PGD. The masking check runs the attacks it
-#: needs beyond these itself (PGD(40/100), SPSA), the features stage replays PGD(20).
+#: pass (docs/attacks.md: FGSM > PGD(20) > APGD-CE (2 starts) > APGD-T(MALT, 5 targets) >
+#: Square(750) is within one point of AutoAttack's worst case on every model measured, at 0.23×
+#: its passes as a cascade on the 360-point digits models). PGD(20) is the only step-limited
+#: member: the dataset's PGD step (digits 4/255 = 2.5·ε/20 at ε = 32/255, Madry et al.; CIFAR
+#: 2/255 ≥ 2.5·(8/255)/20) lets its 20 steps cross the ε-ball, so a default audit never warns of
+#: a short PGD. The masking check runs the attacks it needs beyond these itself (PGD(40/100),
+#: SPSA, its own Square), the features stage replays PGD(20).
 DEFAULT_ATTACKS: tuple[str, ...] = ("fgsm", "pgd20", "apgd-ce", "apgd-t", "square")
 #: ``audit --attacks thorough``: every built-in (:data:`ATTACKS`, the old default list) plus APGD-T
 #: and Square; AutoAttack is not in it (ask for ``autoattack`` by name).

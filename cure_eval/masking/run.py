@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from .findings import (
     NEEDED_ATTACKS,
     NOISE_DRAWS,
     SPSA_TOLERANCE,
+    SQUARE_QUERIES,
     UNBOUNDED_STEPS,
     Finding,
     Verdict,
@@ -118,8 +120,9 @@ def run_masking_check(
             by more than ``tolerance`` × the point's clean margin. Default
             :data:`SPSA_TOLERANCE`.
 
-    What runs beyond the suite attacks (all on the clean-correct points): Square (1000 queries)
-    on the gradient-free subset, an ε sweep (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via
+    What runs beyond the suite attacks (all on the clean-correct points): Square
+    (:data:`~cure_eval.masking.findings.SQUARE_QUERIES` queries, 1000) on the gradient-free
+    subset, an ε sweep (PGD(20) at :data:`EPS_SWEEP_FACTORS` × ε via
     :func:`~cure_eval.attacks.eps_sweep`), PGD(100) at ε = 1 from the clean input (early stop),
     100 noise draws per point, a PGD(100) trajectory of the points PGD(100) did not fool, input
     gradients and 5 + 1 forward passes.
@@ -159,7 +162,7 @@ def run_masking_check(
     settings = {"pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "seed": seed,
                 "batch_size": batch_size, "reused_from_suite": reuse, "ran": ran,
                 "gradient_free_points": len(sub), "gradient_free_indices": indices[sub].tolist(),
-                "square_queries": SquareConfig().queries,
+                "square_queries": SQUARE_QUERIES,
                 "eps_sweep": run.eps_list, "noise_draws": NOISE_DRAWS,
                 "unbounded_steps": UNBOUNDED_STEPS, "indices": indices.tolist()}
     nan = torch.full((len(x),), math.nan)
@@ -217,17 +220,18 @@ def _attack_results(
     # Square is never reused: AutoAttack's Square draws its random squares per batch, so a
     # suite's Square on other batches would not be this subset's
     free = [a for a in (*NEEDED_ATTACKS, "square") if a in GRADIENT_FREE_ATTACKS and a not in results]
-    common = {"eps": eps, "device": device, "batch_size": batch_size, "seed": seed, "pgd_alpha": pgd_alpha,
-              "spsa_iterations": spsa_iterations, "progress": progress}
+    common: dict[str, Any] = {"eps": eps, "device": device, "batch_size": batch_size, "seed": seed,
+                              "pgd_alpha": pgd_alpha, "spsa_iterations": spsa_iterations, "progress": progress}
     if full:
         log.info("masking check: running %s on %d points", ", ".join(full), len(x))
-        own = run_suite(model, x, y, attacks=full, indices=indices, **common)  # type: ignore[arg-type]
+        own = run_suite(model, x, y, attacks=full, indices=indices, **common)
         results.update(own.attacks)
         if not reuse:
             clean_margin = own.clean_margin
     if free:
         log.info("masking check: running %s on %d of the %d points", ", ".join(free), len(sub), len(x))
-        own = run_suite(model, x[sub], y[sub], attacks=free, indices=indices[sub], **common)  # type: ignore[arg-type]
+        own = run_suite(model, x[sub], y[sub], attacks=free, indices=indices[sub],
+                        configs={"square": SquareConfig(queries=SQUARE_QUERIES)}, **common)
         results.update(own.attacks)
     return results, clean_margin, full + free
 
