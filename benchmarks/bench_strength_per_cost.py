@@ -199,13 +199,19 @@ def load_autoattack_cache(path: str, key: str) -> Outcome | None:
     """The cached AutoAttack outcome if ``path`` holds one for ``key``, else None."""
     if not os.path.exists(path):
         return None
-    state = json.loads(open(path, encoding="utf-8").read())
-    if state.get("key") != key:
-        print(f"{path}: another model, points or settings; AutoAttack runs again", file=sys.stderr)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state.get("key") != key:
+            print(f"{path}: another model, points or settings; AutoAttack runs again", file=sys.stderr)
+            return None
+        out = Outcome("AutoAttack standard", torch.tensor(state["robust"], dtype=torch.bool),
+                      Passes(state["forward"], state["backward"]), state["seconds"])
+        out.per_attack = [(s, 0, b, Passes(), sec) for s, b, sec in state["per_attack"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"{path}: not an AutoAttack cache of this benchmark ({type(e).__name__}); AutoAttack runs again "
+              "and overwrites it", file=sys.stderr)
         return None
-    out = Outcome("AutoAttack standard", torch.tensor(state["robust"], dtype=torch.bool),
-                  Passes(state["forward"], state["backward"]), state["seconds"])
-    out.per_attack = [(s, 0, b, Passes(), sec) for s, b, sec in state["per_attack"]]
     return out
 
 

@@ -338,6 +338,29 @@ def test_default_suite_label_follows_the_librarys_defaults() -> None:
     assert (steps[2].config.restarts, steps[3].config.targets, steps[4].config.queries) == (r, k, q)
 
 
+def test_autoattack_cache_round_trip_and_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cache gives back what was saved under the same key; another key, a corrupt file or a
+    foreign JSON file are refused with one line on stderr (AutoAttack then runs again)."""
+    import torch
+
+    bench = _load_strength_bench()
+    passes = bench.Passes(forward=123, backward=45)
+    aa = bench.Outcome("AutoAttack standard", torch.tensor([True, False, True]), passes, 9.5,
+                       [("apgd-ce", 0, 1, bench.Passes(), 1.5)])
+    path = str(tmp_path / "aa.json")
+    bench.save_autoattack_cache(path, "k1", aa)
+    back = bench.load_autoattack_cache(path, "k1")
+    assert back is not None and torch.equal(back.robust, aa.robust)
+    assert (back.passes.forward, back.passes.backward, back.seconds) == (123, 45, 9.5)
+    assert [(s, b, sec) for s, _a, b, _p, sec in back.per_attack] == [("apgd-ce", 1, 1.5)]
+    assert bench.load_autoattack_cache(path, "k2") is None
+    for text in ("{not json", "[1, 2]", '{"key": "k1"}'):
+        Path(path).write_text(text)
+        assert bench.load_autoattack_cache(path, "k1") is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "another model" in err[0] and all("runs again" in e for e in err), err
+
+
 def test_autoattack_cifar_images_are_foolboxs_in_the_unit_range() -> None:
     """The CIFAR part of the strength benchmark reads the same images and labels as foolbox's own
     ``samples`` (channels first, in [0, 1]) and pyautoattack's example ResNet-18 classifies them."""
