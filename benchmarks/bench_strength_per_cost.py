@@ -128,7 +128,8 @@ def candidate_suites(eps: float, *, tiny: bool) -> dict[str, list[Step]]:
     # The full cascades: (APGD-CE starts, APGD-T targets, Square queries). The defaults of
     # 2026-12-05 (1, 3, 1000) and 2026-12-06 (1, 5, 1000), kept for the comparison; a second
     # random start for APGD-CE (the points AutoAttack's APGD-CE breaks with a luckier start: its
-    # batches are not the cascade's) and Square's budget halved to pay for it.
+    # batches are not the cascade's), with smaller Square budgets to pay for it (the default since
+    # 2026-12-06: two starts, Square(750); Square(500) was too weak on the shattered CNN).
     for r, k, q in sorted({(1, 3, 1000), (1, 5, 1000), (1, 5, 500), (2, 5, 500), (2, 5, 750), (2, 5, 1000),
                            (CE_RESTARTS, K_DEFAULT, SQ_DEFAULT)}):
         ce_r = ce if r == 1 else Step(f"APGD-CE({r} restarts)", "apgd-ce", APGDConfig(restarts=r))

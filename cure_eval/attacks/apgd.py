@@ -9,13 +9,14 @@ sub-attack, APGD-CE (docs/audit.md, "AutoAttack and how the suite compares"). AP
 step-size schedule (halved at checkpoints when the loss stalls, restarts from the best point) and
 momentum are what PGD lacks; the DLR loss, ``−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3)``, is
 invariant to shifting and rescaling the logits, so it does not saturate where the cross-entropy
-does. In a cascade they run after PGD(100) and before SPSA, only on the points still robust.
+does. In a cascade they run after the PGDs and before APGD-T, Square and SPSA, only on the points
+still robust.
 
 Settings (:class:`APGDConfig`): 100 iterations, as AutoAttack's ``standard`` APGD-CE, and **2**
 random starts (AutoAttack's ``standard`` has 1): the second runs only on the points the first left
-robust, so it costs little in a cascade, and on the 360-point normal WRN it broke the points that
-AutoAttack's APGD-CE broke with a luckier start (its batches, hence its random starts, are not the
-cascade's; docs/attacks.md). ``APGDConfig(restarts=1)`` is AutoAttack's. ρ = 0.75 (torchattacks'
+robust, so it costs little in a cascade, and on the 360-point normal WRN it broke the one point
+that AutoAttack's APGD-CE broke with a luckier start and the cascade's one start missed (its
+batches, hence its random starts, are not the cascade's; docs/attacks.md). ``APGDConfig(restarts=1)`` is AutoAttack's. ρ = 0.75 (torchattacks'
 and the paper's default). torchattacks' ``APGD`` calls
 ``torch.manual_seed(seed)`` at the start of every call (every batch): we pass the audit's seed and
 run it inside :func:`~cure_eval.core.device.seeded_rng`, so a rerun gives the same points and the
