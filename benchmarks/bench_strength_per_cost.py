@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{o.seconds:.0f}s", file=sys.stderr, flush=True)
     aa: Outcome | None = None
     if not args.no_autoattack:
-        key = autoattack_key(model, x, y, eps=eps, seed=args.seed, batch_size=args.batch_size)
+        # the key hashes every weight: only when there is a cache to look in or write
+        key = autoattack_key(model, x, y, eps=eps, seed=args.seed, batch_size=args.batch_size) \
+            if args.autoattack_cache else ""
         aa = load_autoattack_cache(args.autoattack_cache, key) if args.autoattack_cache else None
         if aa is not None:
             print(f"AutoAttack: reused {args.autoattack_cache} (its seconds are those of the run that wrote it)",

@@ -16,8 +16,9 @@ Settings (:class:`APGDConfig`): 100 iterations, as AutoAttack's ``standard`` APG
 random starts (AutoAttack's ``standard`` has 1): the second runs only on the points the first left
 robust, so it costs little in a cascade, and on the 360-point normal WRN it broke the one point
 that AutoAttack's APGD-CE broke with a luckier start and the cascade's one start missed (its
-batches, hence its random starts, are not the cascade's; docs/attacks.md). ``APGDConfig(restarts=1)`` is AutoAttack's. ρ = 0.75 (torchattacks'
-and the paper's default). torchattacks' ``APGD`` calls
+batches, hence its random starts, are not the cascade's; docs/attacks.md).
+``APGDConfig(restarts=1)`` is AutoAttack's. ρ = 0.75 (torchattacks' and the paper's default).
+torchattacks' ``APGD`` calls
 ``torch.manual_seed(seed)`` at the start of every call (every batch): we pass the audit's seed and
 run it inside :func:`~cure_eval.core.device.seeded_rng`, so a rerun gives the same points and the
 caller's RNG state is untouched. torchattacks returns, per point, the first restart's point that
